@@ -86,7 +86,7 @@ def build_model(args: SpecialistArguments, tokenizer):
 
 
 def _data_fingerprint(args: SpecialistArguments, tokenizer) -> str:
-    key = json.dumps({"task": args.task, "size": args.train_size, "seed": args.problem_seed,
+    key = json.dumps({"format_version": 2, "task": args.task, "size": args.train_size, "seed": args.problem_seed,
                       "scratchpad": args.with_scratchpad, "max_length": args.max_length,
                       "vocab": tokenizer.get_vocab(), "template": tokenizer.chat_template}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

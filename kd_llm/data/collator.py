@@ -13,11 +13,13 @@ from kd_llm.data.formatting import IGNORE_INDEX
 class CausalLMCollator:
     """Right-pads ``input_ids`` with ``pad_token_id`` and ``labels`` with -100; builds the attention mask.
 
-    Extra keys of type int or float pass through as 1-D tensors (e.g. an index into an offline teacher cache).
+    Integer features named in ``passthrough_keys`` (e.g. an index into a teacher cache) become 1-D tensors; every
+    other extra column (``category``, ``length``) is dropped, so it never reaches the model's forward.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    passthrough_keys: tuple[str, ...] = ()
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
@@ -32,7 +34,7 @@ class CausalLMCollator:
             labels[row, :n] = torch.as_tensor(feature["labels"])
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key, value in features[0].items():
-            if key not in batch and isinstance(value, (int, float)):
+        for key in self.passthrough_keys:
+            if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch

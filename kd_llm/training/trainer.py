@@ -1,0 +1,155 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` that distils a frozen teacher into the student it trains."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from kd_llm.data.collator import CausalLMCollator
+from kd_llm.losses import distillation_objective, l2_penalty
+from kd_llm.models.loading import freeze_teacher
+from kd_llm.models.vocab import reconcile_vocabularies
+from kd_llm.training.config import DistillationConfig
+from kd_llm.training.schedules import temperature_at
+from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
+
+
+class DistillationTrainer(Trainer):
+    """Train ``model`` (the student) on ``alpha * CE + (1 - alpha) * T^2 * KD(teacher || student)``.
+
+    The teacher is frozen (no gradients, eval mode, dropout off), run under ``no_grad``, placed by Accelerate, and
+    never part of a checkpoint: it is not a submodule of the student. Every term is summed over supervised tokens and
+    divided by ``num_items_in_batch`` (the supervised tokens of the whole accumulated batch, across processes), so
+    gradient accumulation and data parallelism give the same update as one large batch.
+
+    Args:
+        model: the student.
+        teacher_model: the teacher (may be None only when ``alpha == 1``).
+        args: a :class:`DistillationConfig`.
+        teacher_tokenizer: the teacher's tokenizer, checked against ``processing_class`` (the student's). Leave None
+            when both use the same tokenizer object.
+        **kwargs: passed to ``transformers.Trainer``.
+    """
+
+    # compute_loss normalises by num_items_in_batch itself: Trainer must not divide again by the accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None,
+                 teacher_tokenizer=None, **kwargs):
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
+        if teacher_model is None and args.alpha < 1:
+            raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model is required.")
+        if args.precompute_teacher_logits and kwargs.get("train_dataset") is not None:
+            dataset = kwargs["train_dataset"]
+            kwargs["train_dataset"] = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
+        tokenizer = kwargs.get("processing_class")
+        if teacher_model is not None and tokenizer is None:
+            raise ValueError("Pass processing_class=<the student's tokenizer>: it is checked against the teacher's "
+                             "before training, and used to pad batches.")
+        if kwargs.get("data_collator") is None and tokenizer is not None:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            kwargs["data_collator"] = CausalLMCollator(pad_id, passthrough_keys=(CACHE_INDEX_COLUMN,))
+        self.kd_vocab_size = None
+        if teacher_model is not None:
+            # Before any work: a vocabulary mismatch must not surface after an hour of training.
+            self.kd_vocab_size = reconcile_vocabularies(
+                teacher_tokenizer if teacher_tokenizer is not None else tokenizer, tokenizer, teacher_model, model
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        # Our compute_loss takes num_items_in_batch whatever the student's forward signature says, and always
+        # shifts labels (causal LM), so let Trainer count the supervised tokens that way.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._steps_at_last_log = 0
+        self.teacher = None
+        if teacher_model is not None:
+            self.teacher = self._prepare_teacher(freeze_teacher(teacher_model))
+        self.teacher_logits = None
+        if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
+            self.teacher_logits = InMemoryTeacherLogits.build(
+                self.teacher, self.train_dataset, self.data_collator, batch_size=args.per_device_eval_batch_size,
+                device=self.accelerator.device, disable_progress=args.disable_tqdm,
+            )
+
+    def _prepare_teacher(self, teacher):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "Teacher placement under DeepSpeed or FSDP is not supported yet: run with DDP or a single process, "
+                "or precompute the teacher's outputs."
+            )
+        # evaluation_mode: placed on the device (and under the mixed-precision autocast) but never wrapped in DDP.
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    @property
+    def current_temperature(self) -> float:
+        args = self.args
+        total = self.state.max_steps or args.max_steps or 1
+        return temperature_at(self.state.global_step, total, args.temperature, args.final_temperature,
+                              args.temperature_schedule)
+
+    def _teacher_logits_for(self, inputs: dict, cache_index: torch.Tensor | None, shifted_labels: torch.Tensor,
+                            student_logits: torch.Tensor) -> torch.Tensor:
+        """Teacher logits aligned with ``shifted_labels``, from the in-memory cache or a live forward pass."""
+        if self.teacher_logits is not None and cache_index is not None and self.model.training:
+            return self.teacher_logits.gather(cache_index, shifted_labels, like=student_logits)
+        with torch.no_grad():
+            outputs = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                   use_cache=False)
+        return outputs.logits[:, :-1]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        student_logits = outputs.logits[:, :-1]
+        shifted_labels = labels[:, 1:]
+        args = self.args
+        temperature = self.current_temperature
+        teacher_logits = None
+        if args.alpha < 1:
+            teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits)
+        terms = distillation_objective(
+            student_logits, teacher_logits, shifted_labels, alpha=args.alpha, loss=args.distillation_loss,
+            temperature=temperature, beta=args.beta, skew=args.skew, num_items_in_batch=num_items_in_batch,
+            kd_vocab_size=self.kd_vocab_size,
+        )
+        loss = terms.total
+        if args.l2_weight > 0 and model.training:
+            # Spread the penalty over the micro-batches in proportion to their tokens: it adds up to one
+            # l2_weight * ||w||^2 per optimizer step, whatever the accumulation.
+            share = (shifted_labels != -100).sum() / (num_items_in_batch if num_items_in_batch is not None else
+                                                      (shifted_labels != -100).sum().clamp_min(1))
+            loss = loss + args.l2_weight * share * l2_penalty(p for p in model.parameters() if p.requires_grad)
+        if args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            # Each process holds a share of the global token mean; DDP averages gradients, so scale back up.
+            loss = loss * self.accelerator.num_processes
+        self._record(terms, loss, temperature)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, terms, loss, temperature: float) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics["ce_loss"].append(terms.ce.detach())
+        metrics["kd_loss"].append(terms.kd.detach())
+        metrics["total_loss"].append(loss.detach())
+        metrics["temperature"].append(temperature)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        metrics = self._metrics[mode]
+        if metrics:
+            if mode == "train":
+                # Micro-batch terms are shares of their optimizer step's mean: sum them, then average over steps.
+                steps = max(self.state.global_step - self._steps_at_last_log, 1)
+                self._steps_at_last_log = self.state.global_step
+                for name in ("ce_loss", "kd_loss", "total_loss"):
+                    logs[name] = round(torch.stack(metrics[name]).sum().item() / steps, 6)
+                logs["temperature"] = round(metrics["temperature"][-1], 6)
+            else:
+                for name in ("ce_loss", "kd_loss", "total_loss"):
+                    logs[f"eval_{name}"] = round(torch.stack(metrics[name]).mean().item(), 6)
+            metrics.clear()
+        super().log(logs, start_time)
