@@ -5,6 +5,7 @@ A model *spec* is one of
 - a local folder saved with ``save_pretrained`` (safetensors weights),
 - a path to a ``.gguf`` file (dequantized once to a safetensors folder in kd_llm's cache, see :mod:`.packaged`),
 - ``packaged:<name>``, a pretrained model that ships offline as a pip package (:data:`.packaged.PACKAGED_MODELS`),
+- ``embedded:<name>``, a small model that ships inside kd_llm itself (:data:`EMBEDDED_MODELS`),
 - a Hugging Face Hub id ``org/name`` (needs network access, or the Hub cache with ``HF_HUB_OFFLINE=1``).
 
 Weights are only ever read from safetensors (``use_safetensors=True``), never from pickles, and remote code only runs
@@ -24,7 +25,10 @@ from torch import nn
 from .packaged import gguf_cache_dir, packaged_model_dir
 
 __all__ = [
+    "EMBEDDED_MODELS",
+    "EMBEDDED_PREFIX",
     "PACKAGED_PREFIX",
+    "embedded_model_dir",
     "freeze_teacher",
     "load_model",
     "load_peft_teacher",
@@ -33,6 +37,9 @@ __all__ = [
 ]
 
 PACKAGED_PREFIX = "packaged:"
+EMBEDDED_PREFIX = "embedded:"
+# Models inside the kd_llm package: name -> folder under kd_llm/assets.
+EMBEDDED_MODELS = {"date-teacher": "date_teacher"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _PATH_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -48,6 +55,16 @@ def _looks_like_path(spec: str) -> bool:
         or spec.count("/") >= 2
         or not _HUB_ID.match(spec)
     )
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The folder of a model that ships inside kd_llm (``embedded:<name>``)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; kd_llm ships: {', '.join(sorted(EMBEDDED_MODELS))}")
+    folder = Path(__file__).resolve().parent.parent / "assets" / EMBEDDED_MODELS[name]
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"embedded model {name!r} is missing from {folder}; reinstall kd_llm")
+    return folder
 
 
 def resolve_model_source(spec: str | os.PathLike) -> tuple[str, str | None]:
@@ -69,6 +86,8 @@ def resolve_model_source(spec: str | os.PathLike) -> tuple[str, str | None]:
     spec = spec.strip()
     if spec.startswith(PACKAGED_PREFIX):
         return str(packaged_model_dir(spec[len(PACKAGED_PREFIX) :])), None
+    if spec.startswith(EMBEDDED_PREFIX):
+        return str(embedded_model_dir(spec[len(EMBEDDED_PREFIX) :])), None
     path = Path(spec).expanduser()
     if path.exists():
         path = path.resolve()

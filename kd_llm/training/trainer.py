@@ -64,7 +64,6 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._steps_at_last_log = 0
         self.teacher = None
         if teacher_model is not None:
             self.teacher = self._prepare_teacher(freeze_teacher(teacher_model))
@@ -136,6 +135,7 @@ class DistillationTrainer(Trainer):
         metrics["kd_loss"].append(terms.kd.detach())
         metrics["total_loss"].append(loss.detach())
         metrics["temperature"].append(temperature)
+        metrics["step"].append(self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
@@ -143,8 +143,7 @@ class DistillationTrainer(Trainer):
         if metrics:
             if mode == "train":
                 # Micro-batch terms are shares of their optimizer step's mean: sum them, then average over steps.
-                steps = max(self.state.global_step - self._steps_at_last_log, 1)
-                self._steps_at_last_log = self.state.global_step
+                steps = len(set(metrics["step"]))
                 for name in ("ce_loss", "kd_loss", "total_loss"):
                     logs[name] = round(torch.stack(metrics[name]).sum().item() / steps, 6)
                 logs["temperature"] = round(metrics["temperature"][-1], 6)

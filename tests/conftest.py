@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny Llama models built from configs and a small date-arithmetic dataset (all offline, CPU)."""
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from kd_llm.models.char_tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def tiny_llama(vocab_size: int, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=2 * hidden,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def make_tiny_llama():
+    return tiny_llama
+
+
+@pytest.fixture(scope="session")
+def date_dataset(char_tokenizer):
+    from kd_llm.data.sources import build_dataset, load_records
+
+    return build_dataset(load_records("date_arithmetic", size=48, seed=1), char_tokenizer)
