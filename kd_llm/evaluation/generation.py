@@ -75,7 +75,7 @@ def generate_greedy(
                 stops = (tokens == tokenizer.eos_token_id).nonzero()
                 if len(stops):
                     tokens = tokens[: stops[0, 0] + 1]
-            new_tokens += int((tokens != pad_id).sum()) if pad_id != tokenizer.eos_token_id else len(tokens)
+            new_tokens += len(tokens)  # cut at the first EOS, so every token left was generated (pad id or not)
             completions[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     seconds = time.perf_counter() - started
     model.train(was_training)
