@@ -40,6 +40,9 @@ class DistillationScriptArguments:
     prune_strategy: str = field(
         default="uniform", metadata={"help": "With student_init=pruned and no explicit layers: uniform or importance."}
     )
+    calibration_size: int = field(
+        default=4, metadata={"help": "With prune_strategy=importance: training texts the layer ranking is measured on."}
+    )
     student_hidden_size: int | None = field(default=None, metadata={"help": "With scaled: hidden width."})
     student_num_attention_heads: int | None = field(default=None, metadata={"help": "With scaled: query heads."})
     student_num_key_value_heads: int | None = field(default=None, metadata={"help": "With scaled: KV heads."})
@@ -52,6 +55,11 @@ class DistillationScriptArguments:
     train_size: int = field(default=2000, metadata={"help": "Training examples to generate or keep."})
     eval_size: int = field(default=500, metadata={"help": "Held-out problems for the skill evaluation."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator."})
+    prompt_style: str = field(
+        default="compact",
+        metadata={"help": "date_arithmetic prompts: compact (few tokens, for small specialists) or verbose (plain "
+                          "English questions, for pretrained chat models)."},
+    )
     max_length: int = field(default=256, metadata={"help": "Longest tokenized training example."})
     use_chat_template: bool = field(default=True, metadata={"help": "Format chat records with the chat template."})
     compare_hard_labels: bool = field(
@@ -66,7 +74,8 @@ class DistillationScriptArguments:
     def __post_init__(self):
         if self.student_init not in ("scaled", "pruned", "checkpoint"):
             raise ValueError(f"student_init must be scaled, pruned or checkpoint, got {self.student_init!r}.")
-        for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size"):
+        for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size",
+                     "calibration_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
 
@@ -118,14 +127,18 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     output_dir = Path(config.output_dir)
     teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
-    train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed)
+    task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
+    train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed,
+                                 **task_options)
     train_dataset = build_dataset(train_records, tokenizer, max_length=args.max_length,
                                   use_chat_template=args.use_chat_template, source_name=args.dataset)
     eval_records = None
     if args.evaluate_skills:
-        eval_records = load_records(args.dataset, split="eval", size=args.eval_size, seed=args.problem_seed)
+        eval_records = load_records(args.dataset, split="eval", size=args.eval_size, seed=args.problem_seed,
+                                    **task_options)
     # Importance pruning ranks layers by the loss on a few training texts.
-    calibration = tokenizer.batch_decode(train_dataset[:16]["input_ids"], skip_special_tokens=True)
+    calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
+                                         skip_special_tokens=True)
     new_student = make_student_factory(args, teacher, tokenizer, calibration)
 
     rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]

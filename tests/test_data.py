@@ -178,13 +178,14 @@ def test_bad_text_is_rejected(tok, text):
 def test_plain_text_path_without_chat_template(tok):
     record = {"prompt": PROMPT, "completion": COMPLETION}
     row = format_record(record, tok, use_chat_template=False)
-    ids, labels = expected(tok, [(PROMPT, False), (COMPLETION, True), (EOS, True)])
+    # The separator ends the masked prompt, so the model can tell where the prompt stops.
+    ids, labels = expected(tok, [(PROMPT + "\n", False), (COMPLETION, True), (EOS, True)])
     assert row == {"input_ids": ids, "labels": labels}
-    assert format_prompt(record, tok, use_chat_template=False) == expected(tok, [(PROMPT, 0)])[0]
+    assert format_prompt(record, tok, use_chat_template=False) == expected(tok, [(PROMPT + "\n", 0)])[0]
     # With a BOS-adding tokenizer the BOS belongs to the masked prompt.
     tokenizer = bos_adding_tokenizer()
     row = format_record(record, tokenizer, use_chat_template=False)
-    ids, labels = expected(tokenizer, [(BOS, False), (PROMPT, False), (COMPLETION, True), (EOS, True)])
+    ids, labels = expected(tokenizer, [(BOS, False), (PROMPT + "\n", False), (COMPLETION, True), (EOS, True)])
     assert row == {"input_ids": ids, "labels": labels}
     with pytest.raises(DataFormatError, match="chat template"):
         format_record({"messages": [{"role": "assistant", "content": "a"}]}, tok, use_chat_template=False)

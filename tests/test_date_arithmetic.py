@@ -491,6 +491,8 @@ def test_scratchpad_replay_catches_a_wrong_step():
     ("  Sunday  ", "Sunday"),
     ("x>2024-01-04\nadd:2020-01-01,5", "2024-01-04"),
     ("x>2024-01-04  \n\nmore text\nand more", "2024-01-04"),
+    # A later line with its own ">" must not replace the answer on the first line.
+    ("s>2024-01-04\nx>junk", "2024-01-04"),
     ("x> 17\n", "17"),
     ("a>b>c", "c"),
     ("2024-01-04\nanother line", "2024-01-04"),

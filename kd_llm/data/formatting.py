@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 IGNORE_INDEX = -100
+# Without a chat template, prompt and completion are joined by this, so the model can see where the prompt ends.
+PLAIN_SEPARATOR = "\n"
 RECORD_SHAPES = "{'prompt', 'completion'}, {'messages'} or {'text'}"
 
 
@@ -100,7 +102,9 @@ def format_record(
     elif not use_chat_template:
         if shape != "prompt_completion" or not all(isinstance(record[k], str) for k in ("prompt", "completion")):
             raise DataFormatError("Without a chat template only string prompt/completion or text records work.")
-        prompt_ids = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is None:
+            raise DataFormatError("The tokenizer has no EOS token, so completions cannot end; set tokenizer.eos_token.")
+        prompt_ids = tokenizer(record["prompt"] + PLAIN_SEPARATOR, add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
         completion_ids = completion_ids + [tokenizer.eos_token_id]
         input_ids = prompt_ids + completion_ids
@@ -123,6 +127,6 @@ def format_prompt(record: dict[str, Any], tokenizer, *, use_chat_template: bool 
     """The token ids a model is given at generation time: the prompt with the chat template's generation prompt."""
     prompt = record["prompt"]
     if not use_chat_template:
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return tokenizer(prompt + PLAIN_SEPARATOR, add_special_tokens=True)["input_ids"]
     require_chat_template(tokenizer)
     return _render(tokenizer, _as_messages(prompt, "user"), add_generation_prompt=True)

