@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kd_llm-installed
 # One thread per process beats two on a loaded 2-core machine; override with `make demo THREADS=2`.
 THREADS ?= 1
+# Tests marked slow (over a minute each, e.g. the 270M Gemma teacher) run with `make test PYTEST_ARGS=`.
+PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: demo test install clean
 

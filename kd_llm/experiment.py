@@ -86,11 +86,13 @@ def make_student_factory(args: DistillationScriptArguments, teacher, tokenizer, 
     def build():
         if args.student_init == "checkpoint":
             return build_student("checkpoint", checkpoint=args.student_checkpoint)
+        if args.student_init == "pruned" and args.student_layers is not None:
+            return build_student("pruned", teacher=teacher, layers=args.student_layers)
         if args.student_init == "pruned":
+            importance = args.prune_strategy == "importance"
             return build_student("pruned", teacher=teacher, tokenizer=tokenizer, num_layers=args.student_num_layers,
-                                 layers=args.student_layers, strategy=args.prune_strategy,
-                                 calibration_input_ids=calibration_texts if args.prune_strategy == "importance"
-                                 and args.student_layers is None else None)
+                                 strategy=args.prune_strategy, calibration_input_ids=calibration_texts if importance
+                                 else None)
         return build_student("scaled", teacher=teacher, num_layers=args.student_num_layers,
                              hidden_size=args.student_hidden_size,
                              num_attention_heads=args.student_num_attention_heads,
@@ -114,9 +116,10 @@ def _evaluate(name: str, model, tokenizer, args: DistillationScriptArguments, re
 
 
 def _train(model, teacher, tokenizer, config: DistillationConfig, train_dataset) -> tuple[DistillationTrainer, float]:
+    """Train and return the wall time, which includes precomputing the teacher's logits when that is on."""
+    started = time.perf_counter()
     trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=train_dataset,
                                   processing_class=tokenizer)
-    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     return trainer, time.perf_counter() - started
 

