@@ -185,3 +185,14 @@ def test_all_masked_batch_gives_zero_loss_not_nan(tmp_path, char_tokenizer, date
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in trainer.model.parameters())
+
+
+def test_evaluate_reports_the_loss_components(tmp_path, char_tokenizer, date_dataset):
+    trainer = DistillationTrainer(model=tiny_llama(len(char_tokenizer), seed=2),
+                                  teacher_model=tiny_llama(len(char_tokenizer), hidden=48, seed=1),
+                                  args=make_config(tmp_path, per_device_eval_batch_size=16, alpha=0.25),
+                                  eval_dataset=date_dataset, processing_class=char_tokenizer)
+    metrics = trainer.evaluate()
+    assert metrics["eval_kd_loss"] > 0 and metrics["eval_ce_loss"] > 0
+    assert metrics["eval_total_loss"] == pytest.approx(0.25 * metrics["eval_ce_loss"] + 0.75 * metrics["eval_kd_loss"],
+                                                       rel=1e-4)

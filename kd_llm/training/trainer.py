@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.losses import distillation_objective, l2_penalty
@@ -120,19 +121,22 @@ class DistillationTrainer(Trainer):
         if args.l2_weight > 0 and model.training:
             # Spread the penalty over the micro-batches in proportion to their tokens: it adds up to one
             # l2_weight * ||w||^2 per optimizer step, whatever the accumulation.
-            share = (shifted_labels != -100).sum() / (num_items_in_batch if num_items_in_batch is not None else
-                                                      (shifted_labels != -100).sum().clamp_min(1))
+            tokens = (shifted_labels != -100).sum()
+            share = tokens / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp_min(1))
             loss = loss + args.l2_weight * share * l2_penalty(p for p in model.parameters() if p.requires_grad)
-        if args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
-            # Each process holds a share of the global token mean; DDP averages gradients, so scale back up.
-            loss = loss * self.accelerator.num_processes
-        self._record(terms, loss, temperature)
+        # Each process holds a share of the global token mean and DDP averages gradients, so scale back up, as
+        # Trainer does for models that take num_items_in_batch.
+        scale = self.accelerator.num_processes if (
+            args.average_tokens_across_devices and num_items_in_batch is not None
+            and self.accelerator.num_processes > 1) else 1
+        loss = loss * scale
+        self._record(terms, loss, temperature, scale)
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, terms, loss, temperature: float) -> None:
+    def _record(self, terms, loss, temperature: float, scale: int) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["ce_loss"].append(terms.ce.detach())
-        metrics["kd_loss"].append(terms.kd.detach())
+        metrics["ce_loss"].append(terms.ce.detach() * scale)
+        metrics["kd_loss"].append(terms.kd.detach() * scale)
         metrics["total_loss"].append(loss.detach())
         metrics["temperature"].append(temperature)
         metrics["step"].append(self.state.global_step)
@@ -141,14 +145,14 @@ class DistillationTrainer(Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         metrics = self._metrics[mode]
         if metrics:
+            prefix = "eval_" if mode == "eval" else ""
+            # Train: micro-batch terms are shares of their optimizer step's mean, so sum them and average over
+            # steps. Eval: each batch is its own mean. Then average over processes, as Trainer does for `loss`.
+            steps = len(set(metrics["step"])) if mode == "train" else len(metrics["ce_loss"])
+            for name in ("ce_loss", "kd_loss", "total_loss"):
+                value = torch.stack(metrics[name]).sum() / steps
+                logs[prefix + name] = round(nested_gather(value, self.args.parallel_mode).mean().item(), 6)
             if mode == "train":
-                # Micro-batch terms are shares of their optimizer step's mean: sum them, then average over steps.
-                steps = len(set(metrics["step"]))
-                for name in ("ce_loss", "kd_loss", "total_loss"):
-                    logs[name] = round(torch.stack(metrics[name]).sum().item() / steps, 6)
                 logs["temperature"] = round(metrics["temperature"][-1], 6)
-            else:
-                for name in ("ce_loss", "kd_loss", "total_loss"):
-                    logs[f"eval_{name}"] = round(torch.stack(metrics[name]).mean().item(), 6)
             metrics.clear()
         super().log(logs, start_time)
