@@ -13,8 +13,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer
 
+from kd_llm.data.sampling import StepShuffledLengthSampler
 from kd_llm.data.sources import build_dataset, load_records
 from kd_llm.models.char_tokenizer import build_char_tokenizer
 
@@ -37,6 +38,11 @@ class SpecialistArguments:
     num_attention_heads: int = field(default=6, metadata={"help": "From scratch: query heads."})
     num_key_value_heads: int = field(default=2, metadata={"help": "From scratch: key/value heads (grouped-query)."})
     intermediate_size: int = field(default=512, metadata={"help": "From scratch: MLP width."})
+    step_shuffled_batches: bool = field(
+        default=True,
+        metadata={"help": "Shuffle, then sort by length only within each optimizer step's examples: tight padding "
+                          "and still a random mix of categories per step (see kd_llm.data.sampling)."},
+    )
     max_length: int = field(default=192, metadata={"help": "Longest tokenized example; longer ones are cut."})
     final_dir: str = field(
         default="outputs/specialist/final", metadata={"help": "Where the finished model, tokenizer and scores go."}
@@ -52,6 +58,21 @@ class SpecialistArguments:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads.")
         if self.use_lora and not self.base_model:
             raise ValueError("use_lora needs base_model: LoRA adapts an existing model.")
+
+
+class SpecialistTrainer(Trainer):
+    """Trainer with :class:`StepShuffledLengthSampler` batches when ``step_shuffled_batches`` is on."""
+
+    def __init__(self, *args, step_shuffled_batches: bool = False, **kwargs):
+        self.step_shuffled_batches = step_shuffled_batches
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.step_shuffled_batches:
+            return super()._get_train_sampler(train_dataset)
+        # self.train_dataset still has the `length` column that Trainer strips from the copy it passes in.
+        step_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return StepShuffledLengthSampler(self.train_dataset["length"], step_size, seed=self.args.seed)
 
 
 def build_tokenizer(args: SpecialistArguments):

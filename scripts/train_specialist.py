@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import time
 
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from kd_llm.cli import parse_with_config
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.specialist import (
     SpecialistArguments,
+    SpecialistTrainer,
     build_model,
     build_tokenizer,
     build_train_dataset,
@@ -31,8 +32,9 @@ def main(argv=None):
     model = build_model(args, tokenizer)
     print(f"specialist: {sum(p.numel() for p in model.parameters()):,} parameters")
     train_dataset = build_train_dataset(args, tokenizer, training_args.output_dir)
-    trainer = Trainer(
+    trainer = SpecialistTrainer(
         model=model,
+        step_shuffled_batches=args.step_shuffled_batches,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=CausalLMCollator(tokenizer.pad_token_id),
