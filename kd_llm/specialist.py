@@ -13,11 +13,12 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from kd_llm.data.sampling import StepShuffledLengthSampler
 from kd_llm.data.sources import build_dataset, load_records
 from kd_llm.models.char_tokenizer import build_char_tokenizer
+from kd_llm.models.loading import load_model, load_tokenizer
 
 
 @dataclass
@@ -29,7 +30,8 @@ class SpecialistArguments:
     with_scratchpad: bool = field(default=True, metadata={"help": "Train the model to write its scratchpad first."})
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Fine-tune this local model folder instead of training a char-level model from scratch."},
+        metadata={"help": "Fine-tune this model (any kd_llm spec: folder, packaged:<name>, embedded:date-teacher to "
+                          "continue the shipped teacher) instead of training a char-level model from scratch."},
     )
     use_lora: bool = field(default=False, metadata={"help": "With base_model: train a LoRA adapter and merge it."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -77,13 +79,13 @@ class SpecialistTrainer(Trainer):
 
 def build_tokenizer(args: SpecialistArguments):
     if args.base_model:
-        return AutoTokenizer.from_pretrained(args.base_model)
+        return load_tokenizer(args.base_model)
     return build_char_tokenizer()
 
 
 def build_model(args: SpecialistArguments, tokenizer):
     if args.base_model:
-        model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.float32)
+        model = load_model(args.base_model, dtype=torch.float32)
         if args.use_lora:
             from peft import LoraConfig, get_peft_model
 
