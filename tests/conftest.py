@@ -18,13 +18,24 @@ def char_tokenizer():
     return build_char_tokenizer()
 
 
+CHAR_VOCAB = 89  # len(build_char_tokenizer())
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A 2-layer, 32-wide Llama with grouped-query attention (4 query heads, 2 KV heads), char-tokenizer ids."""
+    values = dict(vocab_size=CHAR_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
 def tiny_llama(vocab_size: int, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=2 * hidden,
-                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                              num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                              intermediate_size=2 * hidden))
 
 
 @pytest.fixture

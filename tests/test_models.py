@@ -22,25 +22,13 @@ from kd_llm.models.packaged import (
     packaged_model_dir,
 )
 from kd_llm.models.vocab import VocabularyMismatchError, reconcile_vocabularies
+from tests.conftest import CHAR_VOCAB, tiny_llama_config
 
-VOCAB = 89  # build_char_tokenizer()
+VOCAB = CHAR_VOCAB
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny_llama_config(**{"max_position_embeddings": 64, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides):

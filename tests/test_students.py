@@ -14,25 +14,14 @@ from kd_llm.models.students import (
     uniform_layer_indices,
 )
 
-VOCAB = 89
+from tests.conftest import CHAR_VOCAB, tiny_llama_config  # noqa: E402
+
+VOCAB = CHAR_VOCAB
 
 
 def llama_config(**overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny_llama_config(**{"num_hidden_layers": 6, "max_position_embeddings": 64, "tie_word_embeddings": True,
+                                **overrides})
 
 
 def model_from(config, seed: int = 0):
