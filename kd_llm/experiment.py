@@ -15,7 +15,7 @@ from pathlib import Path
 from kd_llm.data.sources import build_dataset, load_records
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.models.loading import load_model, load_tokenizer
-from kd_llm.models.students import build_student
+from kd_llm.models.students import build_student, rank_layers_by_importance
 from kd_llm.training import DistillationConfig, DistillationTrainer
 
 
@@ -81,18 +81,23 @@ class DistillationScriptArguments:
 
 
 def make_student_factory(args: DistillationScriptArguments, teacher, tokenizer, calibration_texts=None):
-    """A function that builds a fresh student, identical on every call (same seed), so that the distilled and the
-    hard-label students start from the same weights."""
+    """A function that builds a fresh student, identical on every call (same seed, same kept layers), so that the
+    distilled and the hard-label students start from the same weights. Importance ranking runs once, here."""
+    layers = args.student_layers
+    if args.student_init == "pruned" and layers is None and args.prune_strategy == "importance":
+        if args.student_num_layers is None:
+            raise ValueError("prune_strategy=importance needs student_num_layers: how many teacher layers to keep.")
+        ranking = rank_layers_by_importance(teacher, calibration_texts, tokenizer=tokenizer)
+        layers = sorted(index for index, _ in ranking[: args.student_num_layers])
+
     def build():
         if args.student_init == "checkpoint":
             return build_student("checkpoint", checkpoint=args.student_checkpoint)
-        if args.student_init == "pruned" and args.student_layers is not None:
-            return build_student("pruned", teacher=teacher, layers=args.student_layers)
+        if args.student_init == "pruned" and layers is not None:
+            return build_student("pruned", teacher=teacher, layers=layers)
         if args.student_init == "pruned":
-            importance = args.prune_strategy == "importance"
-            return build_student("pruned", teacher=teacher, tokenizer=tokenizer, num_layers=args.student_num_layers,
-                                 strategy=args.prune_strategy, calibration_input_ids=calibration_texts if importance
-                                 else None)
+            return build_student("pruned", teacher=teacher, num_layers=args.student_num_layers,
+                                 strategy=args.prune_strategy)
         return build_student("scaled", teacher=teacher, num_layers=args.student_num_layers,
                              hidden_size=args.student_hidden_size,
                              num_attention_heads=args.student_num_attention_heads,
@@ -141,7 +146,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
                                     **task_options)
     # Importance pruning ranks layers by the loss on a few training texts.
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
-                                         skip_special_tokens=True)
+                                         skip_special_tokens=True) if args.prune_strategy == "importance" else None
     new_student = make_student_factory(args, teacher, tokenizer, calibration)
 
     rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
@@ -166,6 +171,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "teacher": args.teacher,
         "steps": trainer.state.global_step,
         "train_examples": len(train_dataset),
+        "student_init": args.student_init,
+        "student_teacher_layers": getattr(trainer.model.config, "kd_llm_teacher_layers", None),
         "supervised_tokens": int(sum(sum(x != -100 for x in labels[1:]) for labels in train_dataset["labels"])),
         "distillation": {k: getattr(config, k) for k in ("alpha", "temperature", "final_temperature",
                                                           "temperature_schedule", "distillation_loss", "beta", "skew",
