@@ -12,7 +12,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+
+from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, load_records
+from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.models.students import build_student, rank_layers_by_importance
@@ -52,7 +56,13 @@ class DistillationScriptArguments:
         metadata={"help": "Training data: date_arithmetic (generated), a JSONL file, a saved dataset folder or a "
                           "Hub dataset id. Records: prompt/completion, messages, or text."},
     )
-    train_size: int = field(default=2000, metadata={"help": "Training examples to generate or keep."})
+    train_size: int = field(default=2000, metadata={"help": "Labelled training examples to generate or keep."})
+    transfer_size: int = field(
+        default=0,
+        metadata={"help": "Unlabelled prompts (from the training split, answers dropped) whose completions the "
+                          "teacher writes: Hinton et al.'s transfer set. Only the distilled student trains on them; "
+                          "the hard-label student has no labels for them. Same step count for both."},
+    )
     eval_size: int = field(default=500, metadata={"help": "Held-out problems for the skill evaluation."})
     problem_seed: int = field(default=0, metadata={"help": "Seed of the problem generator."})
     prompt_style: str = field(
@@ -74,6 +84,8 @@ class DistillationScriptArguments:
     def __post_init__(self):
         if self.student_init not in ("scaled", "pruned", "checkpoint"):
             raise ValueError(f"student_init must be scaled, pruned or checkpoint, got {self.student_init!r}.")
+        if self.transfer_size < 0:
+            raise ValueError(f"transfer_size must be >= 0, got {self.transfer_size}.")
         for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size",
                      "calibration_size"):
             if getattr(self, name) < 1:
@@ -129,6 +141,19 @@ def _train(model, teacher, tokenizer, config: DistillationConfig, train_dataset)
     return trainer, time.perf_counter() - started
 
 
+def teacher_transfer_set(teacher, tokenizer, args: DistillationScriptArguments, task_options: dict):
+    """Records whose completions the teacher wrote (greedy), for prompts drawn without their answers."""
+    prompts = load_records(args.dataset, split="train", size=args.transfer_size, seed=args.problem_seed + 1,
+                           **task_options)
+    encoded = [format_prompt(r, tokenizer, use_chat_template=args.use_chat_template) for r in prompts]
+    written = generate_greedy(teacher, tokenizer, encoded, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.generation_batch_size, progress=True)
+    records = [{"prompt": r["prompt"], "completion": c.strip(), "category": r.get("category", "all")}
+               for r, c in zip(prompts, written.completions) if c.strip()]
+    return build_dataset(records, tokenizer, max_length=args.max_length, use_chat_template=args.use_chat_template,
+                         source_name="teacher transfer set")
+
+
 def run_distillation(args: DistillationScriptArguments, config: DistillationConfig) -> dict:
     """Run the whole comparison and save the distilled student, its tokenizer and ``results.json`` in
     ``config.output_dir``."""
@@ -161,7 +186,14 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         baseline_trainer, seconds = _train(new_student(), None, tokenizer, baseline_config, train_dataset)
         rows.append(_evaluate("student, hard labels only", baseline_trainer.model, tokenizer, args, eval_records,
                               {"train_seconds": round(seconds, 1)}))
-    trainer, seconds = _train(new_student(), teacher, tokenizer, config, train_dataset)
+    kd_dataset, transfer_seconds = train_dataset, 0.0
+    if args.transfer_size:
+        started = time.perf_counter()
+        transfer = teacher_transfer_set(teacher, tokenizer, args, task_options)
+        kd_dataset = datasets.concatenate_datasets([train_dataset, transfer.cast(train_dataset.features)])
+        transfer_seconds = time.perf_counter() - started
+    trainer, seconds = _train(new_student(), teacher, tokenizer, config, kd_dataset)
+    seconds += transfer_seconds
     rows.append(_evaluate("student, distilled (KD)", trainer.model, tokenizer, args, eval_records,
                           {"train_seconds": round(seconds, 1)}))
 
@@ -171,6 +203,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "teacher": args.teacher,
         "steps": trainer.state.global_step,
         "train_examples": len(train_dataset),
+        "transfer_examples": len(kd_dataset) - len(train_dataset),
         "student_init": args.student_init,
         "student_teacher_layers": getattr(trainer.model.config, "kd_llm_teacher_layers", None),
         "supervised_tokens": int(sum(sum(x != -100 for x in labels[1:]) for labels in train_dataset["labels"])),
@@ -213,6 +246,9 @@ def format_table(results: dict) -> str:
                                      for i, (c, w) in enumerate(zip(cells, widths)))
     out = [render(header), render(["-" * w for w in widths]), *map(render, lines)]
     if results.get("recovered_fraction") is not None:
+        transfer = results.get("transfer_examples", 0)
+        data = (f"same {results['train_examples']} labelled examples" +
+                (f"; KD also on {transfer} teacher-written unlabelled prompts" if transfer else ""))
         out.append(f"KD recovers {100 * results['recovered_fraction']:.0f}% of the teacher's lead over the "
-                   f"hard-label student (mean exact match, {results['steps']} steps each, same data).")
+                   f"hard-label student (mean exact match, {results['steps']} steps each, {data}).")
     return "\n".join(out)
