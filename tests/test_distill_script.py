@@ -90,3 +90,10 @@ def test_gemma3_teacher_into_pruned_student(tmp_path):
     teacher, _, student = results["models"]
     assert teacher["parameters"] > 250_000_000 > student["parameters"]
     assert [e for e in results["kd_log_history"] if "kd_loss" in e][0]["kd_loss"] > 0
+
+
+def test_transfer_set_is_written_by_the_teacher_and_used_by_the_kd_student_only(tiny_teacher_dir, tmp_path):
+    results = distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"),
+                                "--transfer_size", "6", *FAST])
+    assert 0 < results["transfer_examples"] <= 6
+    assert results["train_examples"] == 16 and results["steps"] == 4
