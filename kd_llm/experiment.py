@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 
 from kd_llm.data.formatting import format_prompt
-from kd_llm.data.sources import build_dataset, load_records
+from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.models.loading import load_model, load_tokenizer
@@ -206,7 +206,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "transfer_examples": len(kd_dataset) - len(train_dataset),
         "student_init": args.student_init,
         "student_teacher_layers": getattr(trainer.model.config, "kd_llm_teacher_layers", None),
-        "supervised_tokens": int(sum(sum(x != -100 for x in labels[1:]) for labels in train_dataset["labels"])),
+        "supervised_tokens": int(supervised_token_count(train_dataset)),
         "distillation": {k: getattr(config, k) for k in ("alpha", "temperature", "final_temperature",
                                                           "temperature_schedule", "distillation_loss", "beta", "skew",
                                                           "l2_weight", "precompute_teacher_logits")},

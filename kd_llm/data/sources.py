@@ -66,6 +66,11 @@ def load_records(source: str, *, split: str = "train", size: int | None = None, 
     return records[:size] if size else records
 
 
+def supervised_token_count(dataset: datasets.Dataset) -> int:
+    """Positions a causal LM is trained on: labels after the first (shifted) that are not -100."""
+    return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
+
+
 def build_dataset(records: list[dict[str, Any]], tokenizer, *, max_length: int | None = None,
                   use_chat_template: bool = True, source_name: str = "dataset") -> datasets.Dataset:
     """Tokenize ``records`` into a ``Dataset`` with ``input_ids``, ``labels``, ``length`` (for length-grouped

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from kd_llm.data.sources import supervised_token_count
+
 CACHE_INDEX_COLUMN = "kd_example_index"
 MAX_CACHE_BYTES = 4 * 1024**3
 
@@ -22,7 +24,7 @@ class InMemoryTeacherLogits:
     @torch.no_grad()
     def build(cls, teacher, dataset, collator, *, batch_size: int, device, disable_progress: bool = False):
         """Run ``teacher`` over every example of ``dataset`` (which has a ``CACHE_INDEX_COLUMN``)."""
-        supervised = sum(sum(label != -100 for label in labels[1:]) for labels in dataset["labels"])
+        supervised = supervised_token_count(dataset)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         needed = supervised * vocab * 4
         if needed > MAX_CACHE_BYTES:
@@ -34,7 +36,8 @@ class InMemoryTeacherLogits:
         rows: list[torch.Tensor | None] = [None] * len(dataset)
         was_training = teacher.training
         teacher.eval()
-        order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+        lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+        order = sorted(range(len(dataset)), key=lengths.__getitem__)
         for start in tqdm(range(0, len(order), batch_size), desc="teacher logits", disable=disable_progress):
             batch = collator([dataset[i] for i in order[start:start + batch_size]])
             logits = teacher(input_ids=batch["input_ids"].to(device),
