@@ -54,6 +54,37 @@ class DistillationConfig(TrainingArguments):
             "so each step costs no teacher forward. Pays when the data is small and is seen for several epochs."
         },
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD): the fraction of micro-batches whose completions the student "
+            "samples itself, scored by the live teacher (pure distillation term on them: no cross-entropy on the "
+            "student's own tokens). Which micro-batches is a seeded draw from (seed, step, micro-batch), so resume "
+            "reproduces it. In [0, 1]; 0 is off."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level KD (Kim & Rush 2016): the teacher writes the completion of every micro-batch that "
+            "is not on-policy, and the student trains on it (cross-entropy and token-level KD as usual)."
+        },
+    )
+    seq_kd_decoding: str = field(
+        default="greedy",
+        metadata={"help": "How the teacher writes seq_kd targets: greedy (each prompt generated once, then reused) "
+                          "or sample (at generation_temperature, fresh every time)."},
+    )
+    generation_max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Longest completion the student (lmbda) or teacher (seq_kd) generates during training; "
+                          "one that reaches it is kept without an EOS. >= 1."},
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of on-policy (and seq_kd=sample) generation, separate from the loss "
+                          "temperature; sampling is otherwise untruncated (no top-k/top-p). > 0."},
+    )
     # Extra columns (the cache index) must reach the collator; kd_llm's collator ignores the rest.
     remove_unused_columns: bool = field(
         default=False,
@@ -83,5 +114,21 @@ class DistillationConfig(TrainingArguments):
             )
         if self.l2_weight < 0:
             problems.append(f"l2_weight must be >= 0, got {self.l2_weight}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            problems.append(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if self.generation_max_new_tokens < 1:
+            problems.append(f"generation_max_new_tokens must be >= 1, got {self.generation_max_new_tokens}")
+        if not self.generation_temperature > 0:
+            problems.append(f"generation_temperature must be > 0, got {self.generation_temperature}")
+        if self.seq_kd_decoding not in ("greedy", "sample"):
+            problems.append(f"seq_kd_decoding must be greedy or sample, got {self.seq_kd_decoding!r}")
+        if self.lmbda > 0 and self.alpha >= 1.0:
+            problems.append(f"lmbda={self.lmbda} needs a distillation term (alpha < 1): on the student's own samples "
+                            "the labels are its own tokens, so only the teacher's distribution can teach")
+        if self.precompute_teacher_logits and (self.seq_kd or self.lmbda >= 1.0):
+            problems.append("precompute_teacher_logits caches the teacher on the dataset's completions, which "
+                            f"{'seq_kd' if self.seq_kd else 'lmbda=1'} replaces in every batch, so the cache would "
+                            "never be read: set precompute_teacher_logits=False (generated batches are always scored "
+                            "by the live teacher; with 0 < lmbda < 1 the cache serves the dataset batches)")
         if problems:
             raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")

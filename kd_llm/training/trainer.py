@@ -13,8 +13,10 @@ from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.training.config import DistillationConfig
+from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY, STUDENT, CompletionGenerator
 from kd_llm.training.schedules import temperature_at
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
+from kd_llm.training.teacher_placement import prepare_teacher
 
 
 class DistillationTrainer(Trainer):
@@ -43,6 +45,11 @@ class DistillationTrainer(Trainer):
             raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
         if teacher_model is None and args.alpha < 1:
             raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model is required.")
+        if teacher_model is None and (args.lmbda > 0 or args.seq_kd):
+            # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
+            raise ValueError("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
+                             "live teacher can score or write, not a cache of teacher outputs on the dataset: pass "
+                             "teacher_model=<the teacher> (a cache may still serve the dataset batches).")
         if args.precompute_teacher_logits and kwargs.get("train_dataset") is not None:
             dataset = kwargs["train_dataset"]
             kwargs["train_dataset"] = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
@@ -74,15 +81,12 @@ class DistillationTrainer(Trainer):
                 self.teacher, self.train_dataset, self.data_collator, batch_size=args.per_device_eval_batch_size,
                 device=self.accelerator.device, disable_progress=args.disable_tqdm,
             )
+        # lmbda / seq_kd: completions regenerated per micro-batch in get_batch_samples (kd_llm.training.on_policy).
+        self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size)
 
     def _prepare_teacher(self, teacher):
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "Teacher placement under DeepSpeed or FSDP is not supported yet: run with DDP or a single process, "
-                "or precompute the teacher's outputs."
-            )
-        # evaluation_mode: placed on the device (and under the mixed-precision autocast) but never wrapped in DDP.
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # Single process / DDP: a whole copy per process; FSDP / DeepSpeed ZeRO-3: sharded for inference.
+        return prepare_teacher(self.accelerator, teacher, per_device_batch_size=self.args.per_device_train_batch_size)
 
     @property
     def current_temperature(self) -> float:
@@ -101,9 +105,29 @@ class DistillationTrainer(Trainer):
                                    use_cache=False)
         return outputs.logits[:, :-1]
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """Trainer's micro-batches of one optimizer step; with lmbda or seq_kd, their completions are regenerated
+        (see kd_llm.training.on_policy) *before* the supervised tokens are counted for num_items_in_batch."""
+        if getattr(self, "completion_generator", None) is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        batches = self.completion_generator.replace(
+            batches, step=self.state.global_step, student=self.accelerator.unwrap_model(self.model),
+            teacher=self.accelerator.unwrap_model(self.teacher), process_index=self.args.process_index,
+            autocast=self.accelerator.autocast,
+        )
+        return batches, self._get_num_items_in_batch(batches, device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
         labels = inputs.pop("labels")
+        # On the student's own samples only the teacher's distribution teaches: no cross-entropy on them.
+        completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
         outputs = model(**inputs, use_cache=False)
         student_logits = outputs.logits[:, :-1]
         shifted_labels = labels[:, 1:]
@@ -113,7 +137,8 @@ class DistillationTrainer(Trainer):
         if args.alpha < 1:
             teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits)
         terms = distillation_objective(
-            student_logits, teacher_logits, shifted_labels, alpha=args.alpha, loss=args.distillation_loss,
+            student_logits, teacher_logits, shifted_labels,
+            alpha=0.0 if completion_source == STUDENT else args.alpha, loss=args.distillation_loss,
             temperature=temperature, beta=args.beta, skew=args.skew, num_items_in_batch=num_items_in_batch,
             kd_vocab_size=self.kd_vocab_size,
         )
@@ -155,4 +180,10 @@ class DistillationTrainer(Trainer):
             if mode == "train":
                 logs["temperature"] = round(metrics["temperature"][-1], 6)
             metrics.clear()
+        if mode == "train" and getattr(self, "completion_generator", None) is not None:
+            logs.update(self.completion_generator.pop_log_metrics(self._mean_over_processes))
         super().log(logs, start_time)
+
+    def _mean_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        gathered = nested_gather(values.to(self.args.device), self.args.parallel_mode)
+        return gathered.reshape(-1, values.numel()).mean(0).cpu()

@@ -1,0 +1,279 @@
+"""On-policy (GKD) and sequence-level (Seq-KD) distillation: replace a batch's completions with generated ones.
+
+* On-policy (Agarwal et al. 2024, "On-Policy Distillation of Language Models", GKD): in a fraction ``lmbda`` of the
+  micro-batches the *student* samples the completion of each prompt, and the loss compares student and teacher on
+  those tokens. The student then learns from the states it actually reaches at inference, not only from the
+  dataset's (the train/inference mismatch of teacher forcing). On these batches the cross-entropy weight is 0: the
+  labels are the student's own samples, and imitating them would only reinforce its mistakes; the teacher's
+  distribution is the whole signal.
+* Sequence-level KD (Kim & Rush 2016): the *teacher* writes the completion (greedy by default) and the student is
+  trained on it, with the usual mix of cross-entropy (now on the teacher's output) and token-level KD.
+
+Which micro-batches are on-policy is decided from ``(seed, global_step, micro-batch index)`` alone, so a resumed run
+makes the same choices, and every process of a data-parallel run makes the same choice at the same step (they all
+generate together; none waits for another). Sampling draws from its own seeded RNG, forked from the global one, so
+generation neither depends on nor disturbs the RNG stream of dropout and data order.
+
+A generated batch is built from the original: the prompt is everything before the first supervised label (labels
+are -100 on the prompt, see ``kd_llm.data.formatting``), left-padded for generation; the new completion is cut after
+its first EOS, which stays supervised even when the pad token is the EOS token (labels are built from the token
+lists, never by comparing ids with the pad id); the rows are right-padded again by ``CausalLMCollator``. Only the
+first assistant turn of a multi-turn record is regenerated; later turns are dropped. Extra batch columns (a teacher
+cache index) describe the dataset's completion, so a generated batch carries only ``input_ids``, ``attention_mask``,
+``labels`` and its source under ``COMPLETION_SOURCE_KEY``: a cached teacher serves dataset batches, and the live
+teacher scores generated ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from kd_llm.data.collator import CausalLMCollator
+from kd_llm.data.formatting import IGNORE_INDEX
+from kd_llm.evaluation.generation import left_pad
+
+COMPLETION_SOURCE_KEY = "kd_completion_source"
+STUDENT, TEACHER = "student", "teacher"
+SEQ_KD_DECODING = ("greedy", "sample")
+# Generation settings that make `generate` draw from the model's softmax at the given temperature and nothing else:
+# without them the model's generation_config (or transformers' global default top_k=50) would truncate it.
+PLAIN_SAMPLING = dict(top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                      num_beams=1, min_new_tokens=0)
+_ROLE_CODE = {STUDENT: 1, TEACHER: 2}
+
+
+def _seed_state(*keys: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
+
+
+def is_on_policy(seed: int, step: int, micro_batch: int, lmbda: float) -> bool:
+    """Whether micro-batch ``micro_batch`` of optimizer step ``step`` is on-policy: a Bernoulli(``lmbda``) draw that
+    depends on its three integer arguments only (never on the global RNG), so resume reproduces it."""
+    if lmbda <= 0.0:
+        return False
+    if lmbda >= 1.0:
+        return True
+    return float(np.random.default_rng(_seed_state(seed, step, micro_batch)).random()) < lmbda
+
+
+def generation_seed(seed: int, step: int, micro_batch: int, process: int, role: str) -> int:
+    """The sampling seed of one generation: distinct per step, micro-batch, process and generating model."""
+    return int(_seed_state(seed, step, micro_batch, process, _ROLE_CODE[role]).generate_state(1)[0])
+
+
+def prompts_from_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
+    """Each row's prompt: its tokens before the first supervised (non -100) label.
+
+    A row with no supervised label, or supervised from its first token, has no prompt to generate from: an error,
+    since on-policy and sequence-level KD need prompt/completion (or chat) records.
+    """
+    supervised = labels != IGNORE_INDEX
+    prompts = []
+    for row in range(input_ids.shape[0]):
+        positions = supervised[row].nonzero()
+        if len(positions) == 0:
+            raise ValueError(f"Row {row} of the batch has no supervised label, so its prompt cannot be told from its "
+                             "completion; on-policy and seq_kd need prompt/completion or chat records.")
+        start = int(positions[0, 0])
+        if start == 0:
+            raise ValueError(f"Row {row} of the batch is supervised from its first token, so it has no prompt to "
+                             "generate from; on-policy and seq_kd need prompt/completion or chat records.")
+        prompts.append(input_ids[row, :start].tolist())
+    return prompts
+
+
+def cut_after_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """``tokens`` up to and including the first EOS (whatever follows is padding); all of them if none is EOS."""
+    tokens = list(tokens)
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+def build_completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
+                           source: str) -> dict:
+    """A right-padded training batch of ``prompt + completion`` rows: the prompt masked (-100), every completion
+    token supervised, the EOS included, padding at -100. Labels come from the lists, never from the pad id."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+    features = [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in zip(prompts, completions)]
+    batch = CausalLMCollator(pad_token_id)(features)
+    batch[COMPLETION_SOURCE_KEY] = source
+    return batch
+
+
+class _KeepVocabulary(LogitsProcessor):
+    """Never sample an id past the shared vocabulary (a padded embedding's spare rows): the other model may have no
+    row for it."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.size:] = -float("inf")
+        return scores
+
+
+def eos_ids_of(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation_config EOS (may be several,
+    e.g. a chat model's end-of-turn token)."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("Neither the tokenizer nor the model defines an EOS token, so generated completions could "
+                         "never end; set tokenizer.eos_token.")
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_completions(model, prompts: list[list[int]], *, pad_token_id: int, eos_ids: list[int],
+                         max_new_tokens: int, do_sample: bool, temperature: float = 1.0, seed: int | None = None,
+                         vocab_size: int | None = None) -> list[list[int]]:
+    """One completion per prompt, in a single left-padded, KV-cached ``generate`` call, each cut after its first EOS.
+
+    With ``do_sample`` it draws from ``softmax(logits / temperature)`` untruncated, under ``torch.manual_seed(seed)``
+    inside a forked RNG, so the global RNG is left as it was. The model's train/eval mode is restored.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
+    options = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad_token_id,
+                   eos_token_id=eos_ids, num_beams=1)
+    if do_sample:
+        options.update(PLAIN_SAMPLING, temperature=temperature)
+    width = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and vocab_size < width:
+        options["logits_processor"] = LogitsProcessorList([_KeepVocabulary(vocab_size)])
+    was_training = model.training
+    model.eval()
+    try:
+        fork = [device.index if device.index is not None else 0] if device.type != "cpu" else []
+        with torch.random.fork_rng(devices=fork, device_type=device.type if device.type != "cpu" else "cuda"):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+    finally:
+        model.train(was_training)
+    generated = output[:, input_ids.shape[1]:].tolist()
+    return [cut_after_eos(tokens, eos_ids) for tokens in generated]
+
+
+@dataclass
+class GenerationStats:
+    """Generation cost since the last log: seconds, generated tokens, and which micro-batches were generated."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    micro_batches: int = 0
+    on_policy_batches: int = 0
+    seq_kd_batches: int = 0
+    steps: int = 0
+
+    def summary(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda value: value) -> dict[str, float]:
+        """Per optimizer step (and per process, averaged over processes by ``reduce``) over the logging window."""
+        if self.steps == 0:
+            return {}
+        values = torch.tensor([self.seconds, float(self.tokens), float(self.on_policy_batches),
+                               float(self.seq_kd_batches), float(self.micro_batches)], dtype=torch.float32)
+        seconds, tokens, on_policy, seq_kd, micro = reduce(values).tolist()
+        return {
+            "generation_seconds": round(seconds / self.steps, 4),
+            "generated_tokens": round(tokens / self.steps, 2),
+            "generated_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+            "on_policy_fraction": round(on_policy / max(micro, 1.0), 4),
+            "seq_kd_fraction": round(seq_kd / max(micro, 1.0), 4),
+        }
+
+
+class CompletionGenerator:
+    """Replaces the completions of training micro-batches with the student's samples (a ``lmbda`` fraction) or the
+    teacher's generations (``seq_kd``, the others). Built by :meth:`from_config` when either is on."""
+
+    def __init__(self, *, lmbda: float, seq_kd: bool, seq_kd_decoding: str, max_new_tokens: int, temperature: float,
+                 seed: int, pad_token_id: int, tokenizer, vocab_size: int | None = None):
+        if seq_kd_decoding not in SEQ_KD_DECODING:
+            raise ValueError(f"seq_kd_decoding must be one of {SEQ_KD_DECODING}, got {seq_kd_decoding!r}.")
+        self.lmbda, self.seq_kd, self.seq_kd_decoding = lmbda, seq_kd, seq_kd_decoding
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.pad_token_id, self.tokenizer, self.vocab_size = pad_token_id, tokenizer, vocab_size
+        self.stats = GenerationStats()
+        # Greedy teacher targets depend on the prompt alone: generate each once, reuse it in every later epoch.
+        self._greedy_targets: dict[tuple[int, ...], list[int]] = {}
+
+    @classmethod
+    def from_config(cls, args, tokenizer, vocab_size: int | None) -> CompletionGenerator | None:
+        if args.lmbda == 0 and not args.seq_kd:
+            return None
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(lmbda=args.lmbda, seq_kd=args.seq_kd, seq_kd_decoding=args.seq_kd_decoding,
+                   max_new_tokens=args.generation_max_new_tokens, temperature=args.generation_temperature,
+                   seed=args.seed, pad_token_id=pad_id, tokenizer=tokenizer, vocab_size=vocab_size)
+
+    def source_of(self, step: int, micro_batch: int) -> str | None:
+        """``"student"``, ``"teacher"`` or None (keep the dataset's completion) for one micro-batch."""
+        if is_on_policy(self.seed, step, micro_batch, self.lmbda):
+            return STUDENT
+        return TEACHER if self.seq_kd else None
+
+    def replace(self, batches: list[dict], *, step: int, student, teacher, process_index: int = 0,
+                autocast=None) -> list[dict]:
+        """The micro-batches of optimizer step ``step``, each kept or rebuilt with generated completions."""
+        out = []
+        for index, batch in enumerate(batches):
+            source = self.source_of(step, index)
+            if source is None:
+                out.append(batch)
+                continue
+            device = batch["input_ids"].device
+            prompts = prompts_from_labels(batch["input_ids"], batch["labels"])
+            started = time.perf_counter()
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                if source == STUDENT:
+                    completions = self._generate(student, prompts, do_sample=True,
+                                                 seed=generation_seed(self.seed, step, index, process_index, STUDENT))
+                else:
+                    completions = self._teacher_targets(teacher, prompts, step, index, process_index)
+            self.stats.seconds += time.perf_counter() - started
+            self.stats.on_policy_batches += source == STUDENT
+            self.stats.seq_kd_batches += source == TEACHER
+            new = build_completion_batch(prompts, completions, self.pad_token_id, source)
+            out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in new.items()})
+        self.stats.micro_batches += len(batches)
+        self.stats.steps += 1
+        return out
+
+    def _generate(self, model, prompts, *, do_sample: bool, seed: int | None) -> list[list[int]]:
+        completions = generate_completions(model, prompts, pad_token_id=self.pad_token_id,
+                                           eos_ids=eos_ids_of(model, self.tokenizer),
+                                           max_new_tokens=self.max_new_tokens, do_sample=do_sample,
+                                           temperature=self.temperature, seed=seed, vocab_size=self.vocab_size)
+        self.stats.tokens += sum(len(c) for c in completions)  # what was generated (memoised targets cost nothing)
+        return completions
+
+    def _teacher_targets(self, teacher, prompts, step: int, index: int, process_index: int) -> list[list[int]]:
+        if self.seq_kd_decoding == "sample":
+            return self._generate(teacher, prompts, do_sample=True,
+                                  seed=generation_seed(self.seed, step, index, process_index, TEACHER))
+        missing = [p for p in dict.fromkeys(map(tuple, prompts)) if p not in self._greedy_targets]
+        if missing:
+            written = self._generate(teacher, [list(p) for p in missing], do_sample=False, seed=None)
+            self._greedy_targets.update(zip(missing, written))
+        return [list(self._greedy_targets[tuple(p)]) for p in prompts]
+
+    def pop_log_metrics(self, reduce=lambda value: value) -> dict[str, float]:
+        """The generation cost since the last call (see :meth:`GenerationStats.summary`), then reset."""
+        summary = self.stats.summary(reduce)
+        self.stats = GenerationStats()
+        return summary
+
