@@ -22,8 +22,12 @@ from kd_llm.training.teacher_placement import prepare_teacher
 class DistillationTrainer(Trainer):
     """Train ``model`` (the student) on ``alpha * CE + (1 - alpha) * T^2 * KD(teacher || student)``.
 
-    The teacher is frozen (no gradients, eval mode, dropout off), run under ``no_grad``, placed by Accelerate, and
-    never part of a checkpoint: it is not a submodule of the student. Every term is summed over supervised tokens and
+    Offline distillation (this class): the teacher is frozen (no gradients, eval mode, dropout off), run under
+    ``no_grad``, placed by Accelerate, and never part of a checkpoint: it is not a submodule of the student. The other
+    modes change who the teacher is and scope these guarantees: an ensemble of frozen teachers
+    (``kd_llm.training.ensemble``), an EMA copy of the student that moves after every step but never by gradients
+    (``kd_llm.training.self_distillation``), and online mutual learning, where the teacher trains too and is saved
+    with the student (``kd_llm.training.online``). Every term is summed over supervised tokens and
     divided by ``num_items_in_batch`` (the supervised tokens of the whole accumulated batch, across processes), so
     gradient accumulation and data parallelism give the same update as one large batch.
 
@@ -74,15 +78,24 @@ class DistillationTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.teacher = None
         if teacher_model is not None:
-            self.teacher = self._prepare_teacher(freeze_teacher(teacher_model))
+            self.teacher = self._setup_teacher(teacher_model)
         self.teacher_logits = None
         if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
-            self.teacher_logits = InMemoryTeacherLogits.build(
-                self.teacher, self.train_dataset, self.data_collator, batch_size=args.per_device_eval_batch_size,
-                device=self.accelerator.device, disable_progress=args.disable_tqdm,
-            )
+            self.teacher_logits = self._build_teacher_logits_cache()
         # lmbda / seq_kd: completions regenerated per micro-batch in get_batch_samples (kd_llm.training.on_policy).
         self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size)
+
+    def _setup_teacher(self, teacher_model):
+        """Offline distillation: freeze the teacher, then place it. Subclasses with a teacher that is not frozen
+        (kd_llm.training.online) or not one model (kd_llm.training.ensemble) override this."""
+        return self._prepare_teacher(freeze_teacher(teacher_model))
+
+    def _build_teacher_logits_cache(self) -> InMemoryTeacherLogits:
+        args = self.args
+        return InMemoryTeacherLogits.build(
+            self.teacher, self.train_dataset, self.data_collator, batch_size=args.per_device_eval_batch_size,
+            device=self.accelerator.device, disable_progress=args.disable_tqdm,
+        )
 
     def _prepare_teacher(self, teacher):
         # Single process / DDP: a whole copy per process; FSDP / DeepSpeed ZeRO-3: sharded for inference.
