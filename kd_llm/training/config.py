@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
 from kd_llm.training.schedules import TEMPERATURE_SCHEDULES
 
@@ -85,6 +86,58 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Sampling temperature of on-policy (and seq_kd=sample) generation, separate from the loss "
                           "temperature; sampling is otherwise untruncated (no top-k/top-p). > 0."},
     )
+    # Feature-level distillation (kd_llm.features): hidden states and attention maps of mapped layers.
+    hidden_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hidden-state term (student layer outputs matched to mapped teacher layers, "
+                          "over valid tokens). >= 0; 0 is off. Needs a live teacher (no precompute_teacher_logits)."},
+    )
+    hidden_loss: str = field(
+        default="mse",
+        metadata={"help": "Per-token hidden-state loss: mse (mean squared error over features), cosine "
+                          "(1 - cosine similarity) or normalized_mse (||s - t||^2 / ||t||^2)."},
+    )
+    hidden_layer_map: str = field(
+        default="uniform",
+        metadata={"help": "Which student layer learns from which teacher layer: uniform (student i <-> teacher "
+                          "round((i+1) L_t / L_s) - 1), last, teacher_layers (the layers a pruned student was copied "
+                          "from) or explicit student:teacher pairs such as '0:1,1:3'."},
+    )
+    hidden_projection: str = field(
+        default="auto",
+        metadata={"help": "Learned student-to-teacher width projection per layer pair: auto (only where widths "
+                          "differ) or always. Trained with the student, saved beside it in "
+                          "distillation_projections.safetensors, never inside its model files."},
+    )
+    hidden_projection_init: str = field(
+        default="xavier",
+        metadata={"help": "Initial projection: xavier, identity (equal widths only) or zero."},
+    )
+    attention_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the attention-map term (KL between teacher and student attention of mapped "
+                          "layers, over valid query tokens). >= 0; 0 is off. Needs a live teacher."},
+    )
+    attention_loss: str = field(
+        default="head_mean",
+        metadata={"help": "head_mean (KL of the head-averaged causal attention maps) or relation (MiniLMv2 Q-Q, "
+                          "K-K, V-V self-relations in relation_heads slices; any head counts and widths)."},
+    )
+    attention_layer_map: str = field(
+        default="last",
+        metadata={"help": "Layer pairs for the attention term; same syntax as hidden_layer_map."},
+    )
+    relation_heads: int = field(
+        default=0,
+        metadata={"help": "With attention_loss=relation: relation heads each Q/K/V projection is split into; must "
+                          "divide every projection width of both models. 0: the largest count up to the smaller "
+                          "query-head count that does."},
+    )
+    attention_query_chunk: int = field(
+        default=256,
+        metadata={"help": "Query rows per block when building attention maps (each block is recomputed in the "
+                          "backward pass), which bounds memory on long sequences. >= 1."},
+    )
     # Extra columns (the cache index) must reach the collator; kd_llm's collator ignores the rest.
     remove_unused_columns: bool = field(
         default=False,
@@ -130,5 +183,6 @@ class DistillationConfig(TrainingArguments):
                             f"{'seq_kd' if self.seq_kd else 'lmbda=1'} replaces in every batch, so the cache would "
                             "never be read: set precompute_teacher_logits=False (generated batches are always scored "
                             "by the live teacher; with 0 < lmbda < 1 the cache serves the dataset batches)")
+        problems.extend(feature_config_problems(self))
         if problems:
             raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")

@@ -13,13 +13,14 @@ from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.training.config import DistillationConfig
+from kd_llm.training.feature_distillation import FeatureDistillationMixin
 from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY, STUDENT, CompletionGenerator
 from kd_llm.training.schedules import temperature_at
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
 from kd_llm.training.teacher_placement import prepare_teacher
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(FeatureDistillationMixin, Trainer):
     """Train ``model`` (the student) on ``alpha * CE + (1 - alpha) * T^2 * KD(teacher || student)``.
 
     Offline distillation (this class): the teacher is frozen (no gradients, eval mode, dropout off), run under
@@ -79,6 +80,8 @@ class DistillationTrainer(Trainer):
         self.teacher = None
         if teacher_model is not None:
             self.teacher = self._setup_teacher(teacher_model)
+        # hidden_weight / attention_weight: layer maps and attention layouts are checked here (kd_llm.features).
+        self._setup_feature_distillation(teacher_model)
         self.teacher_logits = None
         if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
             self.teacher_logits = self._build_teacher_logits_cache()
@@ -109,8 +112,11 @@ class DistillationTrainer(Trainer):
                               args.temperature_schedule)
 
     def _teacher_logits_for(self, inputs: dict, cache_index: torch.Tensor | None, shifted_labels: torch.Tensor,
-                            student_logits: torch.Tensor) -> torch.Tensor:
-        """Teacher logits aligned with ``shifted_labels``, from the in-memory cache or a live forward pass."""
+                            student_logits: torch.Tensor, teacher_outputs=None) -> torch.Tensor:
+        """Teacher logits aligned with ``shifted_labels``, from the in-memory cache or a live forward pass (reusing
+        ``teacher_outputs`` when the feature terms already ran the teacher on this batch)."""
+        if teacher_outputs is not None:
+            return teacher_outputs.logits[:, :-1]
         if self.teacher_logits is not None and cache_index is not None and self.model.training:
             return self.teacher_logits.gather(cache_index, shifted_labels, like=student_logits)
         with torch.no_grad():
@@ -141,14 +147,18 @@ class DistillationTrainer(Trainer):
         labels = inputs.pop("labels")
         # On the student's own samples only the teacher's distribution teaches: no cross-entropy on them.
         completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
-        outputs = model(**inputs, use_cache=False)
+        with self._student_feature_capture(model) as student_features:
+            outputs = model(**inputs, use_cache=False)
         student_logits = outputs.logits[:, :-1]
         shifted_labels = labels[:, 1:]
         args = self.args
         temperature = self.current_temperature
+        # Feature terms (hidden_weight, attention_weight) run the live teacher once, with hooks; its logits are reused.
+        teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch)
         teacher_logits = None
         if args.alpha < 1:
-            teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits)
+            teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,
+                                                      teacher_outputs)
         terms = distillation_objective(
             student_logits, teacher_logits, shifted_labels,
             alpha=0.0 if completion_source == STUDENT else args.alpha, loss=args.distillation_loss,
@@ -156,6 +166,7 @@ class DistillationTrainer(Trainer):
             kd_vocab_size=self.kd_vocab_size,
         )
         loss = terms.total
+        loss = loss + self._weighted_feature_loss(feature_terms)
         if args.l2_weight > 0 and model.training:
             # Spread the penalty over the micro-batches in proportion to their tokens: it adds up to one
             # l2_weight * ||w||^2 per optimizer step, whatever the accumulation.
@@ -169,6 +180,7 @@ class DistillationTrainer(Trainer):
             and self.accelerator.num_processes > 1) else 1
         loss = loss * scale
         self._record(terms, loss, temperature, scale)
+        self._record_feature_terms(feature_terms, scale)
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, terms, loss, temperature: float, scale: int) -> None:
@@ -187,7 +199,7 @@ class DistillationTrainer(Trainer):
             # Train: micro-batch terms are shares of their optimizer step's mean, so sum them and average over
             # steps. Eval: each batch is its own mean. Then average over processes, as Trainer does for `loss`.
             steps = len(set(metrics["step"])) if mode == "train" else len(metrics["ce_loss"])
-            for name in ("ce_loss", "kd_loss", "total_loss"):
+            for name in [key for key in metrics if key.endswith("_loss")]:  # ce, kd, total and any feature terms
                 value = torch.stack(metrics[name]).sum() / steps
                 logs[prefix + name] = round(nested_gather(value, self.args.parallel_mode).mean().item(), 6)
             if mode == "train":
