@@ -195,7 +195,6 @@ class EMATeacher:
                              "values near 1 (e.g. 0.999) average over about 1 / (1 - decay) steps")
         self.decay = float(decay)
         self.model = freeze_teacher(copy.deepcopy(student))
-        self.updates = 0
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
@@ -212,4 +211,3 @@ class EMATeacher:
         for name, buffer in student.named_buffers():
             if name in teacher_buffers:
                 teacher_buffers[name].copy_(buffer)
-        self.updates += 1
