@@ -18,6 +18,7 @@ from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
+from kd_llm.hub import HubTarget, without_hub_push
 from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.models.students import build_student, rank_layers_by_importance
 from kd_llm.training import DistillationConfig, DistillationTrainer
@@ -156,8 +157,12 @@ def teacher_transfer_set(teacher, tokenizer, args: DistillationScriptArguments, 
 
 def run_distillation(args: DistillationScriptArguments, config: DistillationConfig) -> dict:
     """Run the whole comparison and save the distilled student, its tokenizer and ``results.json`` in
-    ``config.output_dir``."""
+    ``config.output_dir``. With ``push_to_hub``, that folder's allow-listed files are then pushed (kd_llm.hub)."""
     output_dir = Path(config.output_dir)
+    # --push_to_hub: token, network and repository are checked now, before any work. The trainers never push (nor
+    # keep the token in training_args.bin); the output folder is pushed once, at the end, through an allow-list.
+    hub_target = HubTarget.from_training_args(config) if config.push_to_hub else None
+    config = without_hub_push(config)
     teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
     task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
@@ -216,6 +221,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     if baseline_trainer is not None and args.evaluate_skills:
         results["recovered_fraction"] = recovered_fraction(rows)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if hub_target is not None:
+        pushed = hub_target.push(output_dir)
+        results["hub"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "files": list(pushed.files)}
     return results
 
 

@@ -9,6 +9,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.data.collator import CausalLMCollator
+from kd_llm.hub import HubPushMixin
 from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
@@ -20,7 +21,8 @@ from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLo
 from kd_llm.training.teacher_placement import prepare_teacher
 
 
-class DistillationTrainer(FeatureDistillationMixin, Trainer):
+# HubPushMixin: push_to_hub=True pushes an allow-list of files (kd_llm.hub), never the whole output folder.
+class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
     """Train ``model`` (the student) on ``alpha * CE + (1 - alpha) * T^2 * KD(teacher || student)``.
 
     Offline distillation (this class): the teacher is frozen (no gradients, eval mode, dropout off), run under
