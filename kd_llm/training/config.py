@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
+from kd_llm.training.fused_path import FUSED_LOSS_CHOICES
 from kd_llm.training.schedules import TEMPERATURE_SCHEDULES
 
 
@@ -59,8 +60,8 @@ class DistillationConfig(TrainingArguments):
         default=0.0,
         metadata={
             "help": "On-policy distillation (GKD): the fraction of micro-batches whose completions the student "
-            "samples itself, scored by the live teacher (pure distillation term on them: no cross-entropy on the "
-            "student's own tokens). Which micro-batches is a seeded draw from (seed, step, micro-batch), so resume "
+            "samples itself, scored by the live teacher (no cross-entropy on the student's own tokens; the "
+            "distillation term keeps its 1 - alpha weight). Which micro-batches is a seeded draw from (seed, step, micro-batch), so resume "
             "reproduces it. In [0, 1]; 0 is off."
         },
     )
@@ -138,6 +139,19 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Query rows per block when building attention maps (each block is recomputed in the "
                           "backward pass), which bounds memory on long sequences. >= 1."},
     )
+    fused_loss: str = field(
+        default="auto",
+        metadata={"help": "Compute the loss from the final hidden states and lm_head weights, a chunk of tokens at a "
+                          "time, never building [batch, length, vocab] logits (kd_llm.losses.fused): much less "
+                          "memory at large vocabularies, same result. auto: when both models allow it (a plain "
+                          "lm_head, no precomputed teacher logits, no feature terms), else the dense loss, logged; "
+                          "true: always, an error if impossible; false: the dense loss."},
+    )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={"help": "Tokens per chunk of the fused loss (>= 0). 0: about 2^22 logits per chunk, at least 64 "
+                          "tokens (85 at a 49,152 vocabulary, 64 at 262,144). Memory grows with it; results do not."},
+    )
     # Extra columns (the cache index) must reach the collator; kd_llm's collator ignores the rest.
     remove_unused_columns: bool = field(
         default=False,
@@ -183,6 +197,12 @@ class DistillationConfig(TrainingArguments):
                             f"{'seq_kd' if self.seq_kd else 'lmbda=1'} replaces in every batch, so the cache would "
                             "never be read: set precompute_teacher_logits=False (generated batches are always scored "
                             "by the live teacher; with 0 < lmbda < 1 the cache serves the dataset batches)")
+        if isinstance(self.fused_loss, bool):  # YAML reads `fused_loss: true` as a boolean
+            self.fused_loss = str(self.fused_loss).lower()
+        if self.fused_loss not in FUSED_LOSS_CHOICES:
+            problems.append(f"fused_loss must be one of {', '.join(FUSED_LOSS_CHOICES)}, got {self.fused_loss!r}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            problems.append(f"loss_chunk_size must be an integer >= 0 (0: automatic), got {self.loss_chunk_size!r}")
         problems.extend(feature_config_problems(self))
         if problems:
             raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")

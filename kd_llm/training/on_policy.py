@@ -3,9 +3,9 @@
 * On-policy (Agarwal et al. 2024, "On-Policy Distillation of Language Models", GKD): in a fraction ``lmbda`` of the
   micro-batches the *student* samples the completion of each prompt, and the loss compares student and teacher on
   those tokens. The student then learns from the states it actually reaches at inference, not only from the
-  dataset's (the train/inference mismatch of teacher forcing). On these batches the cross-entropy weight is 0: the
-  labels are the student's own samples, and imitating them would only reinforce its mistakes; the teacher's
-  distribution is the whole signal.
+  dataset's (the train/inference mismatch of teacher forcing). These batches drop the cross-entropy term: the labels
+  are the student's own samples, and imitating them would only reinforce its mistakes. The distillation term keeps
+  its weight ``1 - alpha``, so ``lmbda`` changes where the teacher is consulted, not how strongly.
 * Sequence-level KD (Kim & Rush 2016): the *teacher* writes the completion (greedy by default) and the student is
   trained on it, with the usual mix of cross-entropy (now on the teacher's output) and token-level KD.
 

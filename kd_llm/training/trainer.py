@@ -15,6 +15,7 @@ from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.feature_distillation import FeatureDistillationMixin
+from kd_llm.training.fused_path import FUSED_FORWARD_KWARGS, choose_loss_path, fused_objective_terms
 from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY, STUDENT, CompletionGenerator
 from kd_llm.training.schedules import temperature_at
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
@@ -89,6 +90,8 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
             self.teacher_logits = self._build_teacher_logits_cache()
         # lmbda / seq_kd: completions regenerated per micro-batch in get_batch_samples (kd_llm.training.on_policy).
         self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size)
+        # fused_loss: chunked loss from hidden states and lm_head weights when possible (kd_llm.training.fused_path).
+        self.fused_loss = choose_loss_path(self)
 
     def _setup_teacher(self, teacher_model):
         """Offline distillation: freeze the teacher, then place it. Subclasses with a teacher that is not frozen
@@ -148,26 +151,35 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
         labels = inputs.pop("labels")
         # On the student's own samples only the teacher's distribution teaches: no cross-entropy on them.
+        # (Generated batches: kd_llm.training.on_policy.)
         completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
+        # The fused path needs no logits; evaluation with compute_metrics reads them, so it takes the dense path.
+        fused = self.fused_loss and not (return_outputs and self.compute_metrics is not None)
         with self._student_feature_capture(model) as student_features:
-            outputs = model(**inputs, use_cache=False)
-        student_logits = outputs.logits[:, :-1]
+            outputs = model(**inputs, use_cache=False, **(FUSED_FORWARD_KWARGS if fused else {}))
+        student_logits = None if fused else outputs.logits[:, :-1]
         shifted_labels = labels[:, 1:]
         args = self.args
         temperature = self.current_temperature
         # Feature terms (hidden_weight, attention_weight) run the live teacher once, with hooks; its logits are reused.
         teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch)
         teacher_logits = None
-        if args.alpha < 1:
+        if args.alpha < 1 and not fused:
             teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,
                                                       teacher_outputs)
-        terms = distillation_objective(
-            student_logits, teacher_logits, shifted_labels,
-            alpha=0.0 if completion_source == STUDENT else args.alpha, loss=args.distillation_loss,
-            temperature=temperature, beta=args.beta, skew=args.skew, num_items_in_batch=num_items_in_batch,
-            kd_vocab_size=self.kd_vocab_size,
-        )
+        alpha = 0.0 if completion_source == STUDENT else args.alpha
+        if fused:
+            terms = fused_objective_terms(self, outputs, inputs, shifted_labels, alpha=alpha, temperature=temperature,
+                                          num_items_in_batch=num_items_in_batch)
+        else:
+            terms = distillation_objective(
+                student_logits, teacher_logits, shifted_labels, alpha=alpha, loss=args.distillation_loss,
+                temperature=temperature, beta=args.beta, skew=args.skew, num_items_in_batch=num_items_in_batch,
+                kd_vocab_size=self.kd_vocab_size,
+            )
         loss = terms.total
+        if completion_source == STUDENT:
+            loss = (1 - args.alpha) * loss  # the distillation term keeps its weight (1 - alpha); only CE is dropped
         loss = loss + self._weighted_feature_loss(feature_terms)
         if args.l2_weight > 0 and model.training:
             # Spread the penalty over the micro-batches in proportion to their tokens: it adds up to one
