@@ -185,7 +185,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     baseline_trainer = None
     if args.compare_hard_labels:
         baseline_config = dataclasses.replace(
-            config, alpha=1.0, precompute_teacher_logits=False, output_dir=str(output_dir / "hard_label_baseline"),
+            config, alpha=1.0, precompute_teacher_logits=False, lmbda=0.0, seq_kd=False,
+            output_dir=str(output_dir / "hard_label_baseline"),
             push_to_hub=False,
         )
         baseline_trainer, seconds = _train(new_student(), None, tokenizer, baseline_config, train_dataset)
@@ -214,7 +215,12 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "supervised_tokens": int(supervised_token_count(train_dataset)),
         "distillation": {k: getattr(config, k) for k in ("alpha", "temperature", "final_temperature",
                                                           "temperature_schedule", "distillation_loss", "beta", "skew",
-                                                          "l2_weight", "precompute_teacher_logits")},
+                                                          "l2_weight", "precompute_teacher_logits", "lmbda",
+                                                          "seq_kd", "seq_kd_decoding", "generation_max_new_tokens",
+                                                          "generation_temperature")},
+        # On-policy / seq_kd generation during KD training (kd_llm.training.on_policy), this process.
+        "training_generation": (trainer.completion_generator.run_totals()
+                                if getattr(trainer, "completion_generator", None) is not None else None),
         "models": rows,
         "kd_log_history": trainer.state.log_history,
     }

@@ -208,6 +208,7 @@ class CompletionGenerator:
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.pad_token_id, self.tokenizer, self.vocab_size = pad_token_id, tokenizer, vocab_size
         self.stats = GenerationStats()
+        self.totals = GenerationStats()  # the whole run, for results.json
         # Greedy teacher targets depend on the prompt alone: generate each once, reuse it in every later epoch.
         self._greedy_targets: dict[tuple[int, ...], list[int]] = {}
 
@@ -274,6 +275,15 @@ class CompletionGenerator:
     def pop_log_metrics(self, reduce=lambda value: value) -> dict[str, float]:
         """The generation cost since the last call (see :meth:`GenerationStats.summary`), then reset."""
         summary = self.stats.summary(reduce)
+        for name in ("seconds", "tokens", "micro_batches", "on_policy_batches", "seq_kd_batches", "steps"):
+            setattr(self.totals, name, getattr(self.totals, name) + getattr(self.stats, name))
         self.stats = GenerationStats()
         return summary
+
+    def run_totals(self) -> dict[str, float]:
+        """This process's generation over the run so far (logged windows): seconds, tokens, batch counts."""
+        totals = self.totals
+        return {"generation_seconds": round(totals.seconds, 2), "generated_tokens": totals.tokens,
+                "on_policy_batches": totals.on_policy_batches, "seq_kd_batches": totals.seq_kd_batches,
+                "micro_batches": totals.micro_batches}
 
