@@ -17,8 +17,20 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 from kd_llm.features import FeatureDistiller, FeatureTerms
+
+
+class _ClearProjectionGradients(TrainerCallback):
+    """Trainer clears only the student's gradients after each optimizer step (``model.zero_grad()``); the projections
+    live outside the student, so clear theirs at the same moment, or they would pile up across steps."""
+
+    def __init__(self, projections: torch.nn.Module):
+        self.projections = projections
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projections.zero_grad(set_to_none=True)
 
 
 class FeatureDistillationMixin:
@@ -34,6 +46,7 @@ class FeatureDistillationMixin:
         )
         if self.feature_distiller is not None and self.feature_distiller.projections is not None:
             self.feature_distiller.projections.to(self.accelerator.device)
+            self.add_callback(_ClearProjectionGradients(self.feature_distiller.projections))
 
     def _projection_parameters(self) -> list[torch.nn.Parameter]:
         distiller = self.feature_distiller
