@@ -111,7 +111,9 @@ def fused_path_blockers(trainer) -> list[str]:
         reasons.append("feature distillation (hidden_weight / attention_weight) runs the teacher for full logits")
     from kd_llm.training.trainer import DistillationTrainer  # imported here: trainer.py imports this module
 
-    if type(trainer)._teacher_logits_for is not DistillationTrainer._teacher_logits_for:
+    if type(trainer).compute_loss is not DistillationTrainer.compute_loss:
+        reasons.append(f"{type(trainer).__name__} computes its own loss (compute_loss)")
+    elif type(trainer)._teacher_logits_for is not DistillationTrainer._teacher_logits_for:
         reasons.append(f"{type(trainer).__name__} builds its own teacher target (_teacher_logits_for)")
     models = [("student", trainer.accelerator.unwrap_model(trainer.model))]
     if args.alpha < 1 and trainer.teacher is not None:
