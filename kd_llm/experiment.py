@@ -186,6 +186,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     if args.compare_hard_labels:
         baseline_config = dataclasses.replace(
             config, alpha=1.0, precompute_teacher_logits=False, lmbda=0.0, seq_kd=False,
+            hidden_weight=0.0, attention_weight=0.0,  # hard labels alone: no teacher features either
             output_dir=str(output_dir / "hard_label_baseline"),
             push_to_hub=False,
         )
@@ -217,7 +218,11 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
                                                           "temperature_schedule", "distillation_loss", "beta", "skew",
                                                           "l2_weight", "precompute_teacher_logits", "lmbda",
                                                           "seq_kd", "seq_kd_decoding", "generation_max_new_tokens",
-                                                          "generation_temperature")},
+                                                          "generation_temperature", "hidden_weight", "hidden_loss",
+                                                          "hidden_layer_map", "hidden_projection",
+                                                          "hidden_projection_init", "attention_weight",
+                                                          "attention_loss", "attention_layer_map", "relation_heads",
+                                                          "attention_query_chunk")},
         # On-policy / seq_kd generation during KD training (kd_llm.training.on_policy), this process.
         "training_generation": (trainer.completion_generator.run_totals()
                                 if getattr(trainer, "completion_generator", None) is not None else None),
