@@ -74,6 +74,7 @@ def prompts_from_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> list[l
     A row with no supervised label, or supervised from its first token, has no prompt to generate from: an error,
     since on-policy and sequence-level KD need prompt/completion (or chat) records.
     """
+    input_ids, labels = input_ids.cpu(), labels.cpu()  # one transfer, not one per row
     supervised = labels != IGNORE_INDEX
     prompts = []
     for row in range(input_ids.shape[0]):
@@ -210,7 +211,8 @@ class CompletionGenerator:
         self.stats = GenerationStats()
         self.totals = GenerationStats()  # the whole run, for results.json
         # Greedy teacher targets depend on the prompt alone: generate each once, reuse it in every later epoch.
-        self._greedy_targets: dict[tuple[int, ...], list[int]] = {}
+        # Kept as int32 bytes (key) and arrays (value): Python int lists would cost ~7x the memory on large datasets.
+        self._greedy_targets: dict[bytes, np.ndarray] = {}
 
     @classmethod
     def from_config(cls, args, tokenizer, vocab_size: int | None) -> CompletionGenerator | None:
@@ -266,11 +268,13 @@ class CompletionGenerator:
         if self.seq_kd_decoding == "sample":
             return self._generate(teacher, prompts, do_sample=True,
                                   seed=generation_seed(self.seed, step, index, process_index, TEACHER))
-        missing = [p for p in dict.fromkeys(map(tuple, prompts)) if p not in self._greedy_targets]
+        keys = [np.asarray(p, dtype=np.int32).tobytes() for p in prompts]
+        missing = {key: prompt for key, prompt in zip(keys, prompts) if key not in self._greedy_targets}
         if missing:
-            written = self._generate(teacher, [list(p) for p in missing], do_sample=False, seed=None)
-            self._greedy_targets.update(zip(missing, written))
-        return [list(self._greedy_targets[tuple(p)]) for p in prompts]
+            written = self._generate(teacher, list(missing.values()), do_sample=False, seed=None)
+            for key, completion in zip(missing, written):
+                self._greedy_targets[key] = np.asarray(completion, dtype=np.int32)
+        return [self._greedy_targets[key].tolist() for key in keys]
 
     def pop_log_metrics(self, reduce=lambda value: value) -> dict[str, float]:
         """The generation cost since the last call (see :meth:`GenerationStats.summary`), then reset."""
