@@ -41,7 +41,7 @@ PUSH_ALLOW_PATTERNS = (
 )
 # Refused even if an allow pattern matches: any path segment matching one of these keeps the file local.
 NEVER_PUSH_PATTERNS = (
-    "*projection*", "teacher*", "checkpoint-*", "hard_label_baseline", "training_args.bin", "optimizer*",
+    "*projection*", "*teacher*", "checkpoint-*", "hard_label_baseline", "training_args.bin", "optimizer*",
     "scheduler*", "rng_state*", "trainer_state.json", ".*", "*cache*", "*token*.txt",
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")

@@ -111,6 +111,23 @@ def test_allow_list(path, pushable):
     assert is_pushable(path) is pushable
 
 
+def test_files_other_kd_llm_modules_write_stay_local():
+    from kd_llm.features.hidden_states import PROJECTIONS_FILE
+    from kd_llm.training.online import MUTUAL_TEACHER_FOLDER
+    from kd_llm.training.self_distillation import EMA_TEACHER_FILE
+
+    for path in (PROJECTIONS_FILE, EMA_TEACHER_FILE, f"{MUTUAL_TEACHER_FOLDER}/model.safetensors",
+                 f"{MUTUAL_TEACHER_FOLDER}/config.json", "ema_teacher/model.safetensors"):
+        assert not is_pushable(path), path
+
+
+def test_the_report_files_are_pushed_and_the_baseline_is_not():
+    artifacts = pytest.importorskip("kd_llm.report.artifacts")
+    for name in (*artifacts.REPORT_FILES, artifacts.RESULTS_JSON):
+        assert is_pushable(name), name
+    assert not is_pushable(f"{artifacts.BASELINE_DIR}/model.safetensors")
+
+
 def test_selection_is_the_student_tokenizer_card_report_and_plots(run_folder):
     folder, _, _ = run_folder
     selected = set(select_files_to_push(folder))
