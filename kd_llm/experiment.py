@@ -160,8 +160,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     ``config.output_dir``. With ``push_to_hub``, that folder's allow-listed files are then pushed (kd_llm.hub)."""
     output_dir = Path(config.output_dir)
     # --push_to_hub: token, network and repository are checked now, before any work. The trainers never push (nor
-    # keep the token in training_args.bin); the output folder is pushed once, at the end, through an allow-list.
-    hub_target = HubTarget.from_training_args(config) if config.push_to_hub else None
+    # keep the token in training_args.bin); the output folder is pushed once, at the end, through an allow-list,
+    # by the main process only.
+    hub_target = HubTarget.from_training_args(config) if config.push_to_hub and config.process_index == 0 else None
     config = without_hub_push(config)
     teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
