@@ -64,11 +64,14 @@ def test_lm_eval_regex_filter_agrees():
     assert [f[0] for f in filtered] == [extract_answer(text) for text in HANDPICKED]
 
 
-def test_lm_eval_scores_the_embedded_teacher_like_kd_llm(tmp_path):
+def test_lm_eval_scores_the_embedded_teacher_like_kd_llm(tmp_path, monkeypatch):
     """End to end through lm-eval's hf model: chat-templated prompts, greedy generation, the regex filter and
     exact_match give, problem by problem, kd_llm's own predictions and score."""
     lm_eval = pytest.importorskip("lm_eval")
+    import datasets
     from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")  # not ~/.cache
 
     from kd_llm.evaluation.skills import evaluate_skill
     from kd_llm.models.loading import load_model, load_tokenizer
