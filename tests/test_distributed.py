@@ -1,0 +1,115 @@
+"""kd_llm across processes, on CPU (gloo) through ``accelerate launch``.
+
+- Data parallel: 2 processes x batch 4 give the same student as 1 process x batch 8 (each process takes its shard of
+  the same global batch, and the loss is normalised by the supervised tokens of the whole global batch).
+- FSDP (1 and 2) and DeepSpeed ZeRO-3 teacher placement: each process holds half of the teacher and the sharded
+  teacher's logits equal the whole teacher's. (Accelerate runs neither FSDP nor DeepSpeed training on CPU processes,
+  so the sharded *trainer* is not run here; DeepSpeed is skipped where it is not installed.)
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import CHAR_VOCAB, tiny_llama
+from tests.distributed_kd_run import run
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Teacher and student saved once, so that every process and every run start from the same weights."""
+    models = tmp_path_factory.mktemp("models")
+    tiny_llama(CHAR_VOCAB, hidden=48, seed=1).save_pretrained(models / "teacher")
+    tiny_llama(CHAR_VOCAB, seed=2).save_pretrained(models / "student")
+    return models
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(*arguments: str, python: str = sys.executable, timeout: int = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    command = [python, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               *arguments]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def data_parallel_launch(saved_models, tmp_path_factory):
+    """One `accelerate launch` of 2 CPU processes with configs/accelerate/multi_gpu.yaml: 3 KD steps at batch 4 per
+    process, then the FSDP teacher check (sharing the launch: process start-up is most of the time)."""
+    out = tmp_path_factory.mktemp("ddp")
+    accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(TESTS / "distributed_kd_run.py"),
+                      "--models", str(saved_models), "--output", str(out / "run"),
+                      "--per_device_train_batch_size", "4", "--fsdp_teacher_check", str(out / "fsdp"))
+    return out
+
+
+def test_two_processes_of_four_match_one_process_of_eight(saved_models, data_parallel_launch, tmp_path):
+    ddp_info = json.loads((data_parallel_launch / "run" / "run.json").read_text())
+    assert ddp_info["num_processes"] == 2 and ddp_info["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert ddp_info["global_step"] == 3
+
+    run(saved_models, tmp_path / "single", per_device_train_batch_size=8)
+    run(saved_models, tmp_path / "half", per_device_train_batch_size=4)  # what a wrong data split would give
+    ddp = load_file(str(data_parallel_launch / "run" / "student.safetensors"))
+    single = load_file(str(tmp_path / "single" / "student.safetensors"))
+    half = load_file(str(tmp_path / "half" / "student.safetensors"))
+    initial = load_file(str(saved_models / "student" / "model.safetensors"))
+
+    assert max_difference(single, initial) > 1e-3  # it trained
+    assert max_difference(ddp, single) < 1e-5
+    assert max_difference(half, single) > 1e-3  # so the comparison can tell the global batches apart
+    single_losses = json.loads((tmp_path / "single" / "run.json").read_text())["losses"]
+    assert ddp_info["losses"] == pytest.approx(single_losses, rel=1e-5)
+
+
+def check_shards(results: list[dict], tolerance: float = 1e-5) -> None:
+    total = results[0]["total_numel"]
+    assert sum(r["local_numel"] for r in results) == total  # every parameter element held exactly once
+    for r in results:
+        assert r["max_abs_diff"] < tolerance
+        assert r["local_numel"] < 0.6 * total
+        assert not r["training"] and not r["requires_grad"]
+
+
+def read_ranks(directory: Path) -> list[dict]:
+    return [json.loads((directory / f"rank{i}.json").read_text()) for i in range(2)]
+
+
+def test_fsdp_teacher_is_sharded_and_gives_the_whole_teachers_logits(data_parallel_launch):
+    ranks = read_ranks(data_parallel_launch / "fsdp")
+    assert ranks[0]["num_processes"] == 2
+    for version in ("fsdp1", "fsdp2"):
+        check_shards([r[version] for r in ranks])
+        assert all(r[version]["policy_restored"] for r in ranks)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_teacher_is_sharded_and_gives_the_whole_teachers_logits(saved_models, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    accelerate_launch("--multi_gpu", str(TESTS / "deepspeed_teacher_run.py"), "--models", str(saved_models),
+                      "--output", str(tmp_path))
+    ranks = read_ranks(tmp_path)
+    assert all(r["world_size"] == 2 and r["zero_stage"] == 3 for r in ranks)
+    check_shards(ranks)
