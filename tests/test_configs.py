@@ -10,12 +10,14 @@ from transformers import TrainingArguments
 from kd_llm.cli import ConfigError, parse_with_config
 from kd_llm.experiment import DistillationScriptArguments
 from kd_llm.specialist import SpecialistArguments
+from kd_llm.sweep import SweepArguments
 from kd_llm.training import DistillationConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SCRIPT_PARSERS = {
     "distill_llm.py": (DistillationScriptArguments, DistillationConfig),
     "train_specialist.py": (SpecialistArguments, TrainingArguments),
+    "sweep.py": (SweepArguments, DistillationScriptArguments, DistillationConfig),
 }
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((CONFIGS / "accelerate").glob("*.yaml"))
