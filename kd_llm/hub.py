@@ -155,10 +155,10 @@ def explain_hub_error(error: BaseException, *, repo_id: str, folder: str | Path 
     elif status == 404:
         what = (f"Repository {repo_id!r} or its namespace was not found (404). Fix: check --hub_model_id "
                 "(namespace/name) and that the namespace exists.")
-    elif status == 409:
-        what = (f"The Hub refused the push to {repo_id!r} because of a conflict (409: another commit or operation on "
-                "the repo happened at the same time, or the name is taken in a conflicting way). Nothing was "
-                "committed. Fix: push again, or choose another --hub_model_id.")
+    elif status in (409, 412):  # 412: the branch moved since the commit was prepared
+        what = (f"The Hub refused the push to {repo_id!r} because of a conflict ({status}: another commit or "
+                "operation on the repo happened at the same time, or the name is taken in a conflicting way). "
+                "Nothing was committed. Fix: push again, or choose another --hub_model_id.")
     elif status is not None and status >= 500:
         what = f"The Hub failed with {status} while pushing {repo_id!r}. Fix: retry later."
     elif status is not None:
@@ -251,8 +251,8 @@ def without_hub_push(args):
 def check_hub_strategy(strategy) -> None:
     value = getattr(strategy, "value", strategy)
     if value in CHECKPOINT_HUB_STRATEGIES:
-        raise HubPushError(f"hub_strategy={value!r} pushes checkpoint folders with optimizer states, which kd_llm never "
-                           "pushes. Fix: use hub_strategy 'end' or 'every_save'.")
+        raise HubPushError(f"hub_strategy={value!r} pushes checkpoint folders with optimizer states, which kd_llm "
+                           "never pushes. Fix: use hub_strategy 'end' or 'every_save'.")
 
 
 class HubPushMixin:

@@ -222,6 +222,7 @@ def test_a_folder_without_a_student_is_refused(tmp_path):
     ("token_revoked_mid_push", r"rejected the token \(401 Unauthorized\)"),
     ("other_namespace", r"may not write to 'bob/student' \(403 Forbidden\)"),
     ("conflict", r"conflict \(409.*Nothing was committed.*push again"),
+    ("branch_moved", r"conflict \(412"),
     ("connection_refused", r"Could not reach the Hub at http://127\.0\.0\.1:\d+ \(ConnectError"),
 ])
 def test_failures_are_clear_and_leave_the_folder_intact(hub, run_folder, monkeypatch, failure, expected, caplog):
@@ -236,6 +237,8 @@ def test_failures_are_clear_and_leave_the_folder_intact(hub, run_folder, monkeyp
         repo_id = "bob/student"
     elif failure == "conflict":
         hub.fail(r"/commit/", 409, "A commit has happened since. Please refresh and try again.")
+    elif failure == "branch_moved":
+        hub.fail(r"/commit/", 412, "A commit has happened since. Please refresh and try again.")
     elif failure == "connection_refused":
         point_hub_at(monkeypatch, f"http://127.0.0.1:{closed_port()}")
 
