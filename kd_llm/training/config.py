@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
+from kd_llm.teacher_cache.training import teacher_cache_config_problems
 from kd_llm.training.fused_path import FUSED_LOSS_CHOICES
 from kd_llm.training.schedules import TEMPERATURE_SCHEDULES
 
@@ -55,6 +56,18 @@ class DistillationConfig(TrainingArguments):
             "help": "Run the teacher once over the training set before training and keep its logits in memory, "
             "so each step costs no teacher forward. Pays when the data is small and is seen for several epochs."
         },
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of an offline teacher cache (built by scripts/cache_teacher.py: top-k "
+                          "log-probabilities and tail mass per supervised token). Training batches then need no "
+                          "teacher in memory; the cache is checked against the tokenizer and training data first."},
+    )
+    teacher_cache_tail_mode: str = field(
+        default="tail_bucket",
+        metadata={"help": "How the distillation term treats the teacher mass outside the cached top-k: tail_bucket "
+                          "(one extra outcome; training temperature must equal the cache's) or renormalise (both "
+                          "renormalised over the top-k ids; any temperature). See kd_llm.losses.sparse."},
     )
     lmbda: float = field(
         default=0.0,
@@ -204,5 +217,6 @@ class DistillationConfig(TrainingArguments):
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
             problems.append(f"loss_chunk_size must be an integer >= 0 (0: automatic), got {self.loss_chunk_size!r}")
         problems.extend(feature_config_problems(self))
+        problems.extend(teacher_cache_config_problems(self))
         if problems:
             raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")

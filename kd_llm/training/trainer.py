@@ -13,10 +13,12 @@ from kd_llm.hub import HubPushMixin
 from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
+from kd_llm.teacher_cache.training import open_trainer_cache, sparse_cache_terms
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.feature_distillation import FeatureDistillationMixin
 from kd_llm.training.fused_path import FUSED_FORWARD_KWARGS, choose_loss_path, fused_objective_terms
 from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY, STUDENT, CompletionGenerator
+from kd_llm.training.precision import check_mixed_precision
 from kd_llm.training.schedules import temperature_at
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
 from kd_llm.training.teacher_placement import prepare_teacher
@@ -51,14 +53,15 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
                  teacher_tokenizer=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
-        if teacher_model is None and args.alpha < 1:
-            raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model is required.")
+        if teacher_model is None and args.alpha < 1 and not args.teacher_cache:
+            raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model (or a "
+                             "teacher_cache built by scripts/cache_teacher.py) is required.")
         if teacher_model is None and (args.lmbda > 0 or args.seq_kd):
             # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
             raise ValueError("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
                              "live teacher can score or write, not a cache of teacher outputs on the dataset: pass "
                              "teacher_model=<the teacher> (a cache may still serve the dataset batches).")
-        if args.precompute_teacher_logits and kwargs.get("train_dataset") is not None:
+        if (args.precompute_teacher_logits or args.teacher_cache) and kwargs.get("train_dataset") is not None:
             dataset = kwargs["train_dataset"]
             kwargs["train_dataset"] = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
         tokenizer = kwargs.get("processing_class")
@@ -75,6 +78,7 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
                 teacher_tokenizer if teacher_tokenizer is not None else tokenizer, tokenizer, teacher_model, model
             )
         super().__init__(model=model, args=args, **kwargs)
+        check_mixed_precision(self.accelerator)  # fp16 on CPU would silently train in float32
         # Our compute_loss takes num_items_in_batch whatever the student's forward signature says, and always
         # shifts labels (causal LM), so let Trainer count the supervised tokens that way.
         self.model_accepts_loss_kwargs = True
@@ -85,6 +89,9 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
             self.teacher = self._setup_teacher(teacher_model)
         # hidden_weight / attention_weight: layer maps and attention layouts are checked here (kd_llm.features).
         self._setup_feature_distillation(teacher_model)
+        # teacher_cache: stored top-k targets serve the training batches, no teacher needed (kd_llm.teacher_cache).
+        self.teacher_cache = open_trainer_cache(self, teacher_model=teacher_model, teacher_tokenizer=teacher_tokenizer,
+                                                student_tokenizer=tokenizer)
         self.teacher_logits = None
         if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
             self.teacher_logits = self._build_teacher_logits_cache()
@@ -164,13 +171,17 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         # Feature terms (hidden_weight, attention_weight) run the live teacher once, with hooks; its logits are reused.
         teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch)
         teacher_logits = None
-        if args.alpha < 1 and not fused:
+        from_cache = self.teacher_cache is not None and cache_index is not None and model.training
+        if args.alpha < 1 and not fused and not from_cache:
             teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,
                                                       teacher_outputs)
         alpha = 0.0 if completion_source == STUDENT else args.alpha
         if fused:
             terms = fused_objective_terms(self, outputs, inputs, shifted_labels, alpha=alpha, temperature=temperature,
                                           num_items_in_batch=num_items_in_batch)
+        elif from_cache:
+            terms = sparse_cache_terms(self, student_logits, cache_index, shifted_labels, alpha=alpha,
+                                       temperature=temperature, num_items_in_batch=num_items_in_batch)
         else:
             terms = distillation_objective(
                 student_logits, teacher_logits, shifted_labels, alpha=alpha, loss=args.distillation_loss,

@@ -1,0 +1,32 @@
+"""Run a distillation config's teacher once over its training set and store the top-k teacher distribution of every
+supervised token in ``teacher_cache`` (an offline teacher: distill_llm.py then trains with no teacher in memory).
+
+    python scripts/cache_teacher.py --config configs/date_cached_teacher.yaml            # build, or resume
+    python scripts/cache_teacher.py --config configs/date_cached_teacher.yaml --cache_k 32 --teacher_cache out/c32
+
+Takes the same YAML as scripts/distill_llm.py (teacher, data and temperature come from it) plus the cache_* options
+of kd_llm.teacher_cache.build.TeacherCacheArguments. Rerunning an interrupted build resumes it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kd_llm.cli import parse_with_config
+from kd_llm.experiment import DistillationScriptArguments
+from kd_llm.teacher_cache.build import TeacherCacheArguments, build_teacher_cache
+from kd_llm.training import DistillationConfig
+
+
+def main(argv: list[str] | None = None):
+    script_args, config, cache_args = parse_with_config(
+        (DistillationScriptArguments, DistillationConfig, TeacherCacheArguments), argv)
+    metadata = build_teacher_cache(script_args, config, cache_args)
+    print(f"Teacher cache {config.teacher_cache}: {metadata.num_examples} examples, {metadata.supervised_tokens:,} "
+          f"supervised tokens, k={metadata.k}, T={metadata.temperature:g}, {metadata.value_codec}, "
+          f"{metadata.total_bytes / max(metadata.supervised_tokens, 1):.1f} bytes per supervised token.")
+    return metadata
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
