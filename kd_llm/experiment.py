@@ -7,6 +7,7 @@ compare teacher, untrained student, hard-label student and distilled student on 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.hub import HubTarget, without_hub_push
 from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.models.students import build_student, rank_layers_by_importance
+from kd_llm.report.artifacts import BASELINE_DIR
+from kd_llm.report.checks import check_run_teacher
+from kd_llm.report.recipe import distillation_settings, training_settings
 from kd_llm.training import DistillationConfig, DistillationTrainer
 
 
@@ -81,6 +85,28 @@ class DistillationScriptArguments:
     evaluate_skills: bool = field(default=True, metadata={"help": "Score every model on the held-out skill problems."})
     max_new_tokens: int = field(default=160, metadata={"help": "Generation budget per answer in the evaluation."})
     generation_batch_size: int = field(default=100, metadata={"help": "Prompts generated together in evaluation."})
+    # Capacity check and report (kd_llm.report).
+    min_teacher_accuracy: float = field(
+        default=0.1,
+        metadata={"help": "Stop before training when the teacher's mean exact match on the eval split is below this "
+                          "(in [0, 1]) or no better than the untrained student's: it has no skill to transfer. "
+                          "--force trains anyway. Needs evaluate_skills."},
+    )
+    force: bool = field(default=False, metadata={"help": "Train even when the teacher check fails."})
+    write_report: bool = field(
+        default=True,
+        metadata={"help": "At the end, measure teacher, hard-label baseline and student (skill, size, speed, memory) "
+                          "and write report.md, report.json, plots/ and the model card README.md to output_dir. "
+                          "Saves the hard-label student in output_dir/hard_label_baseline."},
+    )
+    benchmark_batch_size: int = field(default=16, metadata={"help": "Report: the larger batch of the speed test."})
+    benchmark_new_tokens: int = field(default=32, metadata={"help": "Report: tokens generated per timed prompt."})
+    measure_memory: bool = field(
+        default=True, metadata={"help": "Report: measure peak inference memory (CPU: one subprocess per model)."}
+    )
+    card_license: str | None = field(
+        default=None, metadata={"help": "Model card license; default: the teacher's when kd_llm knows it, else other."}
+    )
 
     def __post_init__(self):
         if self.student_init not in ("scaled", "pruned", "checkpoint"):
@@ -91,6 +117,14 @@ class DistillationScriptArguments:
                      "calibration_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.min_teacher_accuracy <= 1.0:
+            raise ValueError(f"min_teacher_accuracy must be in [0, 1] (a fraction, not a percentage), got "
+                             f"{self.min_teacher_accuracy}.")
+        if self.benchmark_batch_size < 1 or self.benchmark_new_tokens < 1:
+            raise ValueError("benchmark_batch_size and benchmark_new_tokens must be at least 1.")
+        if self.write_report and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("write_report draws plots with matplotlib, which is not installed: "
+                             "pip install 'kd_llm[report]', or pass --write_report false.")
 
 
 def make_student_factory(args: DistillationScriptArguments, teacher, tokenizer, calibration_texts=None):
@@ -183,6 +217,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
     rows.append(_evaluate("student, before training", new_student(), tokenizer, args, eval_records,
                           {"train_seconds": 0.0}))
+    teacher_check = check_run_teacher(args, rows)  # raises, before any training, unless --force
     baseline_trainer = None
     if args.compare_hard_labels:
         baseline_config = dataclasses.replace(
@@ -194,6 +229,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         baseline_trainer, seconds = _train(new_student(), None, tokenizer, baseline_config, train_dataset)
         rows.append(_evaluate("student, hard labels only", baseline_trainer.model, tokenizer, args, eval_records,
                               {"train_seconds": round(seconds, 1)}))
+        if args.write_report:  # the report measures it from disk, like the other models
+            baseline_trainer.save_model(str(output_dir / BASELINE_DIR))
+            tokenizer.save_pretrained(str(output_dir / BASELINE_DIR))
     kd_dataset, transfer_seconds = train_dataset, 0.0
     if args.transfer_size:
         started = time.perf_counter()
@@ -229,10 +267,24 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
                                 if getattr(trainer, "completion_generator", None) is not None else None),
         "models": rows,
         "kd_log_history": trainer.state.log_history,
+        "baseline_log_history": baseline_trainer.state.log_history if baseline_trainer is not None else None,
+        "teacher_check": teacher_check,
+        "distillation_settings": distillation_settings(config),
+        "training": training_settings(config),
+        "script_arguments": dataclasses.asdict(args),
     }
     if baseline_trainer is not None and args.evaluate_skills:
         results["recovered_fraction"] = recovered_fraction(rows)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if args.write_report:
+        from kd_llm.report.run import write_run_report  # matplotlib, only when reporting
+
+        report = write_run_report(results, args=args, teacher=teacher, student=trainer.model,
+                                  baseline=baseline_trainer.model if baseline_trainer is not None else None,
+                                  tokenizer=tokenizer, eval_records=eval_records,
+                                  prompt_records=eval_records or train_records, output_dir=output_dir,
+                                  model_id=getattr(hub_target, "repo_id", None))
+        results["report"] = {"files": report["files"], "comparison": report["comparison"]}
     if hub_target is not None:
         pushed = hub_target.push(output_dir)
         results["hub"] = {"repo_id": pushed.repo_id, "commit_url": pushed.commit_url, "files": list(pushed.files)}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kd_llm.cli import parse_with_config
 from kd_llm.experiment import DistillationScriptArguments, format_table, run_distillation
+from kd_llm.report.checks import TeacherCheckError
 from kd_llm.training import DistillationConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "date_demo.yaml"
@@ -28,8 +29,17 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(format_table(results))
     print(f"\nSaved the distilled student, its tokenizer and results.json to {config.output_dir}")
+    report = results.get("report")
+    if report:
+        transfer = report["comparison"].get("negative_transfer")
+        if transfer is not None:
+            print(("WARNING: " if transfer["negative_transfer"] else "") + transfer["verdict"])
+        print("Report and model card: " + ", ".join(report["files"]))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TeacherCheckError as error:  # a decision, not a crash: say why in one message
+        sys.exit(f"distill_llm: {error}")

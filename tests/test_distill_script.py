@@ -23,8 +23,10 @@ def tiny_teacher_dir(tmp_path_factory, char_tokenizer):
     return folder
 
 
+# The tiny teacher is untrained, so the teacher check must be forced; the memory probe (subprocesses) is tested in
+# tests/test_report_run.py.
 FAST = ["--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_new_tokens", "24",
-        "--logging_steps", "2", "--disable_tqdm", "true"]
+        "--logging_steps", "2", "--disable_tqdm", "true", "--force", "true", "--measure_memory", "false"]
 
 
 def test_demo_pipeline_compares_four_models_and_saves_the_student(tiny_teacher_dir, tmp_path, capsys):
