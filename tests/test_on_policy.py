@@ -8,6 +8,7 @@ no KV cache), the prompt as ``format_prompt`` renders it, and the forward KL com
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -390,3 +391,22 @@ def test_generation_without_a_live_teacher_is_refused(tmp_path, char_tokenizer, 
     with pytest.raises(ValueError, match="only a live teacher can score or write"):
         DistillationTrainer(model=tiny_llama(len(char_tokenizer)), args=make_config(tmp_path, alpha=1.0, seq_kd=True),
                             train_dataset=date_dataset, processing_class=char_tokenizer)
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: the script's whole pipeline (baseline, KD run, run report)
+def test_example_config_runs_the_script_with_a_hard_label_baseline(tmp_path, char_tokenizer):
+    from tests.test_distill_script import FAST, distill_llm, tiny_teacher_dir  # noqa: F401  (fixture reused)
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(teacher_dir)
+    char_tokenizer.save_pretrained(teacher_dir)
+    config = Path(__file__).resolve().parent.parent / "configs" / "date_on_policy.yaml"
+    results = distill_llm.main(["--config", str(config), "--teacher", str(teacher_dir),
+                                "--output_dir", str(tmp_path / "out"), *FAST, "--generation_max_new_tokens", "16",
+                                "--lmbda", "0.5", "--evaluate_skills", "false"])
+    names = [row["model"] for row in results["models"]]
+    assert "student, hard labels only" in names and "student, distilled (KD)" in names  # baseline: lmbda, seq_kd off
+    assert results["distillation"]["lmbda"] == 0.5 and results["distillation"]["generation_max_new_tokens"] == 16
+    generation = results["training_generation"]
+    assert generation["micro_batches"] == 4 and 0 < generation["on_policy_batches"] < 4
+    assert generation["generated_tokens"] > 0 and generation["generation_seconds"] > 0
