@@ -309,3 +309,22 @@ def test_card_quick_start_runs_and_feeds_the_evaluation_prompt(char_tokenizer, t
     expected = format_prompt({"prompt": "add:2023-05-17,45"}, char_tokenizer, use_chat_template=True)
     assert namespace["inputs"]["input_ids"][0].tolist() == expected
     assert namespace["output"].shape[1] > len(expected)
+
+
+def test_lora_students_are_measured_merged_from_a_copy(char_tokenizer, tmp_path):
+    from kd_llm.models.peft_student import apply_lora, is_peft_model
+    from kd_llm.report.run import as_deployed
+
+    plain = tiny_llama(len(char_tokenizer))
+    assert as_deployed(plain, tmp_path) == (plain, str(tmp_path))
+    lora = apply_lora(tiny_llama(len(char_tokenizer)), {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():  # non-zero adapters, so that merging changes the weights
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    merged, source = as_deployed(lora, tmp_path)
+    assert source is None and not is_peft_model(merged) and is_peft_model(lora)
+    ids = torch.tensor([char_tokenizer("add:2023-05-17,45")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, lora(ids).logits, atol=1e-4, rtol=1e-4)
+    assert parameter_count(merged) < parameter_count(lora)  # the adapters are folded in

@@ -6,6 +6,7 @@ prompts and the same device, then write ``report.json``, ``report.md``, the plot
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kd_llm.data.formatting import format_prompt
+from kd_llm.models.peft_student import is_peft_model
 from kd_llm.report import artifacts
 from kd_llm.report.build import build_report
 from kd_llm.report.measure import (BenchmarkSettings, cpu_probe_request, measure_model, parameter_count,
@@ -100,6 +102,14 @@ def _finish(entries, *, output_dir, benchmark, eval_info, device, teacher_check,
     return {"files": [str(f) for f in files], "comparison": comparison, "report": report}
 
 
+def as_deployed(model, folder) -> tuple[object, str | None]:
+    """The model as it would be served, and the folder to probe it from: a LoRA student is measured merged (a copy;
+    adapters unmerged would add their own latency), from a saved copy, since its folder may hold the adapter only."""
+    if is_peft_model(model):
+        return copy.deepcopy(model).merge_and_unload(), None
+    return model, str(folder)
+
+
 def write_run_report(results: dict, *, args, teacher, student, baseline, tokenizer, eval_records, prompt_records,
                      output_dir, model_id: str | None = None) -> dict:
     """The report of a finished :func:`kd_llm.experiment.run_distillation`: skill scores from its evaluation rows,
@@ -116,10 +126,11 @@ def write_run_report(results: dict, *, args, teacher, student, baseline, tokeniz
         entries.append({"name": "untrained student", "role": "untrained", "source": None, "model": None,
                         "parameters": untrained["parameters"], "skill": skill_of(untrained)})
     if baseline is not None:
-        entries.append({"name": "hard-label baseline", "role": "baseline",
-                        "source": str(output_dir / artifacts.BASELINE_DIR), "model": baseline,
+        model, source = as_deployed(baseline, output_dir / artifacts.BASELINE_DIR)
+        entries.append({"name": "hard-label baseline", "role": "baseline", "source": source, "model": model,
                         "skill": skill_of(rows.get("student, hard labels only"))})
-    entries.append({"name": "distilled student", "role": "student", "source": str(output_dir), "model": student,
+    model, source = as_deployed(student, output_dir)
+    entries.append({"name": "distilled student", "role": "student", "source": source, "model": model,
                     "skill": skill_of(rows.get("student, distilled (KD)"))})
     settings = BenchmarkSettings(batch_size=args.benchmark_batch_size, new_tokens=args.benchmark_new_tokens,
                                  measure_memory=args.measure_memory)
