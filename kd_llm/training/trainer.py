@@ -54,8 +54,8 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
         if teacher_model is None and args.alpha < 1 and not args.teacher_cache:
-            raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model (or a "
-                             "teacher_cache built by scripts/cache_teacher.py) is required.")
+            raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model is required (or "
+                             "a teacher_cache built by scripts/cache_teacher.py).")
         if teacher_model is None and (args.lmbda > 0 or args.seq_kd):
             # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
             raise ValueError("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
