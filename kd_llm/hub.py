@@ -26,6 +26,9 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from kd_llm.report.artifacts import (BASELINE_DIR, MODEL_CARD, PLOTS_DIR, REPORT_JSON, REPORT_MARKDOWN,
+                                     RESULTS_JSON)
+
 logger = logging.getLogger(__name__)
 
 # Relative POSIX paths, matched segment by segment (``*`` never crosses a ``/``).
@@ -37,11 +40,11 @@ PUSH_ALLOW_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "chat_template.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
     # card, report, plots and the run's results (written by kd_llm.report and kd_llm.experiment)
-    "README.md", "report.md", "report.json", "results.json", "plots/*.png",
+    MODEL_CARD, REPORT_MARKDOWN, REPORT_JSON, RESULTS_JSON, f"{PLOTS_DIR}/*.png",
 )
 # Refused even if an allow pattern matches: any path segment matching one of these keeps the file local.
 NEVER_PUSH_PATTERNS = (
-    "*projection*", "*teacher*", "checkpoint-*", "hard_label_baseline", "training_args.bin", "optimizer*",
+    "*projection*", "*teacher*", "checkpoint-*", BASELINE_DIR, "training_args.bin", "optimizer*",
     "scheduler*", "rng_state*", "trainer_state.json", ".*", "*cache*", "*token*.txt",
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -85,9 +88,9 @@ def select_files_to_push(folder: str | Path) -> list[str]:
         raise HubPushError(f"{str(folder)!r} holds no saved student (config.json plus model.safetensors or an adapter)."
                            " Fix: point at the output folder of a finished run, or save the student with "
                            "trainer.save_model(folder) first.")
-    if "README.md" not in selected:
-        logger.warning("%s has no model card (README.md): the Hub repo will have none. Write the report first to get "
-                       "one.", folder)
+    if MODEL_CARD not in selected:
+        logger.warning("%s has no model card (%s): the Hub repo will have none. Write the report first (python "
+                       "scripts/report.py) to get one.", folder, MODEL_CARD)
     return selected
 
 

@@ -207,6 +207,13 @@ def test_no_token_is_a_clear_error_before_any_request(hub, run_folder, monkeypat
     assert hub.requests == []
 
 
+def test_a_run_without_a_card_is_pushable_with_a_warning(run_folder, tmp_path, caplog):
+    folder = copy_minimal_run(run_folder[0], tmp_path / "no-card")
+    (folder / "README.md").unlink()
+    assert select_files_to_push(folder) == ["config.json", "model.safetensors"]
+    assert "has no model card (README.md)" in caplog.text and "scripts/report.py" in caplog.text
+
+
 def test_a_folder_without_a_student_is_refused(tmp_path):
     (tmp_path / "README.md").write_text(CARD)
     with pytest.raises(HubPushError, match="holds no saved student"):
@@ -316,8 +323,8 @@ def tiny_teacher_dir(tmp_path_factory, char_tokenizer):
     return folder
 
 
-RUN = ["--max_steps", "2", "--train_size", "16", "--compare_hard_labels", "false", "--evaluate_skills", "false",
-       "--disable_tqdm", "true", "--report_to", "none"]
+RUN = ["--max_steps", "2", "--logging_steps", "1", "--train_size", "16", "--compare_hard_labels", "false",
+       "--evaluate_skills", "false", "--disable_tqdm", "true", "--report_to", "none", "--measure_memory", "false"]
 
 
 def test_distill_script_push_to_hub(hub, tiny_teacher_dir, tmp_path):
@@ -329,7 +336,10 @@ def test_distill_script_push_to_hub(hub, tiny_teacher_dir, tmp_path):
                                 "--push_to_hub", "true", "--hub_model_id", f"{USER}/run", "--hub_token", TOKEN])
     on_hub = hub.files(f"{USER}/run")
     assert set(results["hub"]["files"]) == set(on_hub) - {".gitattributes"}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "results.json"} <= set(on_hub)
+    # The report is written before the push, so the card, report and plots go up with the student.
+    assert {"model.safetensors", "config.json", "tokenizer.json", "results.json", "README.md", "report.md",
+            "report.json"} <= set(on_hub) and any(name.startswith("plots/") for name in on_hub)
+    assert f"{USER}/run" in on_hub["README.md"].decode()  # the card names the repo it lives in
     assert on_hub["model.safetensors"] == (out / "model.safetensors").read_bytes()
     # The run's own training_args.bin (kept locally by Trainer) does not carry the token either.
     assert (out / "training_args.bin").is_file() and TOKEN.encode() not in (out / "training_args.bin").read_bytes()
