@@ -38,6 +38,22 @@ def test_teacher_check_stops_a_weak_teacher_with_the_ways_out():
     assert good["passed"] and not good["forced"] and good["problems"] == []
 
 
+def test_run_check_is_skipped_with_a_reason_where_it_cannot_mean_anything():
+    from types import SimpleNamespace
+
+    from kd_llm.report.checks import check_run_teacher
+
+    rows = [{"mean_category_exact_match": 0.0}, {"mean_category_exact_match": 0.0}]
+    args = SimpleNamespace(distillation_mode="offline", evaluate_skills=True, min_teacher_accuracy=0.1, force=False,
+                           teacher="t")
+    with pytest.raises(TeacherCheckError):
+        check_run_teacher(args, rows)
+    assert check_run_teacher(SimpleNamespace(**{**vars(args), "force": True}), rows)["forced"]
+    skipped = check_run_teacher(SimpleNamespace(**{**vars(args), "evaluate_skills": False}), rows)
+    assert not skipped["ran"] and "evaluate_skills" in skipped["reason"]
+    assert "ema" in check_run_teacher(SimpleNamespace(**{**vars(args), "distillation_mode": "ema"}), rows)["reason"]
+
+
 def test_negative_transfer_verdict_and_its_noise_band():
     worse = negative_transfer(0.20, 0.30, 500)
     expected_noise = 1.96 * math.sqrt((0.2 * 0.8 + 0.3 * 0.7) / 500)  # two binomial variances

@@ -9,8 +9,10 @@ on hard labels alone, the report and the model card say so plainly, with the sam
 
 from __future__ import annotations
 
+import logging
 import math
 
+logger = logging.getLogger(__name__)
 SCORE_KEY = "mean_category_exact_match"  # every check and ratio compares this score
 
 
@@ -86,9 +88,14 @@ def check_run_teacher(args, rows: list[dict]) -> dict:
     teacher learns alongside the student)."""
     mode = getattr(args, "distillation_mode", "offline")
     if mode in ("ema", "online"):
-        return teacher_check_skipped(f"distillation_mode={mode}: the teacher is not a fixed, already-skilled model")
-    if not args.evaluate_skills:
-        return teacher_check_skipped("evaluate_skills is off, so the teacher was not scored")
-    teacher_row, untrained_row = rows[0], rows[1]
-    return check_teacher(teacher_row[SCORE_KEY], untrained_row[SCORE_KEY], min_teacher_accuracy=args.min_teacher_accuracy,
-                         force=args.force, teacher=f"The teacher {args.teacher!r}")
+        reason = f"distillation_mode={mode}: the teacher is not a fixed, already-skilled model"
+    elif not args.evaluate_skills:
+        reason = "evaluate_skills is off, so the teacher was not scored"
+    else:
+        outcome = check_teacher(rows[0][SCORE_KEY], rows[1][SCORE_KEY], min_teacher_accuracy=args.min_teacher_accuracy,
+                                force=args.force, teacher=f"The teacher {args.teacher!r}")
+        if outcome["forced"]:
+            logger.warning("Teacher check failed, training anyway (--force): %s.", "; ".join(outcome["problems"]))
+        return outcome
+    logger.warning("Teacher check not run: %s.", reason)
+    return teacher_check_skipped(reason)
