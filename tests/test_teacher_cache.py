@@ -319,3 +319,35 @@ def test_trainer_refuses_a_cache_it_cannot_use(tmp_path, cache_dir, teacher, dat
 def test_config_refuses_settings_a_cache_cannot_serve(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train_config(tmp_path, teacher_cache="somewhere", **overrides)
+
+
+# ---------------------------------------------------------------- the two scripts
+
+
+def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_tokenizer):
+    """configs/date_cached_teacher.yaml's two commands on a tiny teacher: cache_teacher.py writes the cache of the
+    run (train set plus the teacher-written transfer set), distill_llm.py trains the KD student from it."""
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    sys.path.insert(0, str(scripts))
+    import cache_teacher
+    import distill_llm
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(teacher_dir)
+    char_tokenizer.save_pretrained(teacher_dir)
+    common = ["--config", str(scripts.parent / "configs" / "date_cached_teacher.yaml"), "--teacher", str(teacher_dir),
+              "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--train_size", "12",
+              "--transfer_size", "4", "--max_new_tokens", "12", "--disable_tqdm", "true", "--use_cpu", "true"]
+    metadata = cache_teacher.main([*common, "--cache_k", "8", "--cache_shard_size", "10"])
+    assert metadata.complete and metadata.k == 8 and metadata.num_examples >= 13 and len(metadata.shards) == 2
+    results = distill_llm.main([*common, "--max_steps", "2", "--per_device_train_batch_size", "4",
+                                "--compare_hard_labels", "false", "--evaluate_skills", "false",
+                                "--write_report", "false", "--force", "true", "--logging_steps", "1"])
+    assert results["steps"] == 2
+    logged = [entry["kd_loss"] for entry in results["kd_log_history"] if "kd_loss" in entry]
+    assert len(logged) == 2 and all(value > 0 for value in logged)
+    with pytest.raises(ValueError, match="other settings"):
+        cache_teacher.main([*common, "--cache_k", "16"])

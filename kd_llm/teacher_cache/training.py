@@ -56,8 +56,10 @@ def teacher_cache_config_problems(config) -> list[str]:
 def open_trainer_cache(trainer, *, teacher_model, teacher_tokenizer, student_tokenizer) -> TeacherCache | None:
     """Open ``trainer.args.teacher_cache`` and check it against this run, before any training step."""
     args = trainer.args
-    if not args.teacher_cache:
-        return None
+    if not args.teacher_cache or args.alpha >= 1:
+        return None  # alpha = 1 (e.g. the experiment's hard-label baseline) never reads a teacher
+    if student_tokenizer is None:
+        raise ValueError("Pass processing_class=<the student's tokenizer>: the teacher cache is checked against it.")
     if trainer.train_dataset is None:
         raise ValueError("teacher_cache is set but there is no train_dataset: the cache serves training batches.")
     if teacher_model is None and args.alpha < 1 and trainer.eval_dataset is not None:
