@@ -344,3 +344,14 @@ def test_lora_students_are_measured_merged_from_a_copy(char_tokenizer, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, lora(ids).logits, atol=1e-4, rtol=1e-4)
     assert parameter_count(merged) < parameter_count(lora)  # the adapters are folded in
+
+
+def test_without_a_baseline_the_report_and_card_say_so():
+    full = make_report()
+    report = build_report([m for m in full["models"] if m["role"] != "baseline"], device="cpu",
+                          benchmark=full["benchmark"], eval_info=full["eval"], run=full["run"])
+    comparison = report["comparisons"][0]
+    assert comparison["recovered_fraction"] is None and comparison["negative_transfer"] is None
+    assert "no hard-label baseline was measured" in render_markdown(report)
+    card = ModelCard(str(render_model_card(report)), ignore_metadata_errors=False)
+    assert "No hard-label baseline was measured" in card.text and "Teacher check: not run." in card.text
