@@ -26,6 +26,7 @@ from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
 from kd_llm.training import DistillationConfig, DistillationTrainer
+from kd_llm.training.memory_estimate import report_memory_estimate
 
 
 @dataclass
@@ -213,9 +214,13 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
     new_student = make_student_factory(args, teacher, tokenizer, calibration)
+    untrained_student = new_student()
+    # Before any training: the memory one process will need, and a warning when its device is short.
+    report_memory_estimate(untrained_student, teacher, config, train_dataset,
+                           max_length=args.max_length if args.transfer_size else None)  # transfer set: not built yet
 
     rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
-    rows.append(_evaluate("student, before training", new_student(), tokenizer, args, eval_records,
+    rows.append(_evaluate("student, before training", untrained_student, tokenizer, args, eval_records,
                           {"train_seconds": 0.0}))
     teacher_check = check_run_teacher(args, rows)  # raises, before any training, unless --force
     baseline_trainer = None
