@@ -25,6 +25,7 @@ from kd_llm.models.students import build_student, rank_layers_by_importance
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
+from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
 from kd_llm.training.memory_estimate import report_memory_estimate
 
@@ -258,6 +259,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "student_init": args.student_init,
         "student_teacher_layers": getattr(trainer.model.config, "kd_llm_teacher_layers", None),
         "supervised_tokens": int(supervised_token_count(train_dataset)),
+        "teacher_cache": cache_summary(config),  # k, temperature, codec, bytes/token, or None
         "distillation": {k: getattr(config, k) for k in ("alpha", "temperature", "final_temperature",
                                                           "temperature_schedule", "distillation_loss", "beta", "skew",
                                                           "l2_weight", "precompute_teacher_logits", "lmbda",

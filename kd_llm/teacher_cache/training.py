@@ -97,3 +97,17 @@ def sparse_cache_terms(trainer, student_logits, cache_index, shifted_labels, *, 
         tail_mode=args.teacher_cache_tail_mode, beta=args.beta, skew=args.skew,
         num_items_in_batch=num_items_in_batch, kd_vocab_size=trainer.teacher_cache.vocab_size,
     )
+
+
+def cache_summary(config) -> dict | None:
+    """What a run's results record about its teacher cache (None without one)."""
+    if not getattr(config, "teacher_cache", None):
+        return None
+    from kd_llm.teacher_cache.metadata import read_metadata
+
+    metadata = read_metadata(config.teacher_cache)
+    return {"path": str(config.teacher_cache), "tail_mode": config.teacher_cache_tail_mode,
+            "teacher": metadata.teacher, "teacher_hash": metadata.teacher_hash, "k": metadata.k,
+            "temperature": metadata.temperature, "value_codec": metadata.value_codec,
+            "supervised_tokens": metadata.supervised_tokens,
+            "bytes_per_supervised_token": round(metadata.total_bytes / max(metadata.supervised_tokens, 1), 2)}
