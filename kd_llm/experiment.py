@@ -7,6 +7,7 @@ compare teacher, untrained student, hard-label student and distilled student on 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import time
@@ -17,10 +18,11 @@ import datasets
 
 from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
+from kd_llm.distillation_modes import (DistillationModeArguments, build_trainer, check_mode_config, load_teachers,
+                                      mode_rows, mode_summary, save_distilled, student_factory)
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.hub import HubTarget, without_hub_push
-from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.models.students import build_student, rank_layers_by_importance
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
@@ -31,7 +33,10 @@ from kd_llm.training.memory_estimate import report_memory_estimate
 
 
 @dataclass
-class DistillationScriptArguments:
+class DistillationScriptArguments(DistillationModeArguments):
+    """The experiment's options; the distillation mode's (ensemble, self-distillation, online, LoRA) come from
+    :class:`kd_llm.distillation_modes.DistillationModeArguments`."""
+
     teacher: str = field(
         default="embedded:date-teacher",
         metadata={"help": "Teacher model: a local folder, a Hub id, a .gguf file, packaged:<name> (offline "
@@ -111,6 +116,7 @@ class DistillationScriptArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.student_init not in ("scaled", "pruned", "checkpoint"):
             raise ValueError(f"student_init must be scaled, pruned or checkpoint, got {self.student_init!r}.")
         if self.transfer_size < 0:
@@ -169,11 +175,16 @@ def _evaluate(name: str, model, tokenizer, args: DistillationScriptArguments, re
     return row
 
 
-def _train(model, teacher, tokenizer, config: DistillationConfig, train_dataset) -> tuple[DistillationTrainer, float]:
-    """Train and return the wall time, which includes precomputing the teacher's logits when that is on."""
+def _train(model, teacher, tokenizer, config: DistillationConfig, train_dataset,
+           make_trainer=None) -> tuple[DistillationTrainer, float]:
+    """Train and return the wall time, which includes precomputing the teacher's logits when that is on.
+    ``make_trainer(model=, config=, train_dataset=)`` builds another mode's trainer (kd_llm.distillation_modes)."""
     started = time.perf_counter()
-    trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=train_dataset,
-                                  processing_class=tokenizer)
+    if make_trainer is not None:
+        trainer = make_trainer(model=model, config=config, train_dataset=train_dataset)
+    else:
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config, train_dataset=train_dataset,
+                                      processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     return trainer, time.perf_counter() - started
 
@@ -200,8 +211,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     # by the main process only.
     hub_target = HubTarget.from_training_args(config) if config.push_to_hub and config.process_index == 0 else None
     config = without_hub_push(config)
-    teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    check_mode_config(args, config)  # settings the distillation mode cannot honour fail now, before any work
+    teachers = load_teachers(args)  # with teacher_adapter merged; ensemble members checked, loaded when needed
+    teacher, tokenizer = teachers.teacher, teachers.tokenizer
     task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
     train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed,
                                  **task_options)
@@ -214,7 +226,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     # Importance pruning ranks layers by the loss on a few training texts.
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
-    new_student = make_student_factory(args, teacher, tokenizer, calibration)
+    new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
     untrained_student = new_student()
     # Before any training: the memory one process will need, and a warning when its device is short.
     report_memory_estimate(untrained_student, teacher, config, train_dataset,
@@ -244,12 +256,16 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         transfer = teacher_transfer_set(teacher, tokenizer, args, task_options)
         kd_dataset = datasets.concatenate_datasets([train_dataset, transfer.cast(train_dataset.features)])
         transfer_seconds = time.perf_counter() - started
-    trainer, seconds = _train(new_student(), teacher, tokenizer, config, kd_dataset)
+    trainer, seconds = _train(new_student(), teacher, tokenizer, config, kd_dataset,
+                              make_trainer=functools.partial(build_trainer, args, teachers))
     seconds += transfer_seconds
     rows.append(_evaluate("student, distilled (KD)", trainer.model, tokenizer, args, eval_records,
                           {"train_seconds": round(seconds, 1)}))
+    # Online: the teacher after training with the student; EMA: the average the student learnt from.
+    rows.extend(_evaluate(name, model, tokenizer, args, eval_records, {"train_seconds": None})
+                for name, model in mode_rows(trainer))
 
-    trainer.save_model(str(output_dir))
+    save_distilled(args, trainer, output_dir)
     tokenizer.save_pretrained(str(output_dir))
     results = {
         "teacher": args.teacher,
@@ -257,6 +273,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "train_examples": len(train_dataset),
         "transfer_examples": len(kd_dataset) - len(train_dataset),
         "student_init": args.student_init,
+        "distillation_mode": mode_summary(args),
         "student_teacher_layers": getattr(trainer.model.config, "kd_llm_teacher_layers", None),
         "supervised_tokens": int(supervised_token_count(train_dataset)),
         "teacher_cache": cache_summary(config),  # k, temperature, codec, bytes/token, or None

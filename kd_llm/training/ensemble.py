@@ -35,20 +35,7 @@ class EnsembleDistillationTrainer(DistillationTrainer):
                             f"teacher use DistillationTrainer (got {type(teacher_model).__name__}).")
         if kwargs.pop("teacher_tokenizer", None) is not None:
             raise ValueError("give the teachers' tokenizers to TeacherEnsemble(tokenizers=[...]), one per teacher")
-        if not isinstance(args, DistillationConfig):
-            raise TypeError("EnsembleDistillationTrainer needs args=DistillationConfig(...).")
-        if args.alpha >= 1:
-            raise ValueError("alpha=1 trains on hard labels alone: an ensemble of teachers would never be used.")
-        if getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False):
-            raise NotImplementedError("on-policy distillation (lmbda > 0, seq_kd) from a teacher ensemble is not "
-                                      "supported: use one teacher")
-        if (args.precompute_teacher_logits and args.temperature_schedule != "constant"
-                and args.final_temperature != args.temperature):
-            raise ValueError(
-                "a precomputed ensemble target is the mixture at one temperature, but the temperature schedule moves "
-                f"from {args.temperature} to {args.final_temperature}: use a constant temperature, or "
-                "precompute_teacher_logits=False to mix the teachers live at each step's temperature."
-            )
+        self.check_config(args)
         student_tokenizer = kwargs.get("processing_class")
         if student_tokenizer is None:
             raise ValueError("Pass processing_class=<the student's tokenizer>: every teacher is checked against it.")
@@ -60,6 +47,27 @@ class EnsembleDistillationTrainer(DistillationTrainer):
         self._student_tokenizer = student_tokenizer
         super().__init__(model=model, teacher_model=teacher_model, args=args, **kwargs)
         self.kd_vocab_size = sizes.pop()
+
+    @staticmethod
+    def check_config(args) -> None:
+        """Raise for settings an ensemble cannot honour (also called by the experiment before any work)."""
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("EnsembleDistillationTrainer needs args=DistillationConfig(...).")
+        if args.alpha >= 1:
+            raise ValueError("alpha=1 trains on hard labels alone: an ensemble of teachers would never be used.")
+        if getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False):
+            raise NotImplementedError("on-policy distillation (lmbda > 0, seq_kd) from a teacher ensemble is not "
+                                      "supported: use one teacher")
+        if getattr(args, "hidden_weight", 0) > 0 or getattr(args, "attention_weight", 0) > 0:
+            raise NotImplementedError("hidden-state / attention distillation from a teacher ensemble is not "
+                                      "supported (whose hidden states?): set hidden_weight and attention_weight to 0")
+        if (args.precompute_teacher_logits and args.temperature_schedule != "constant"
+                and args.final_temperature != args.temperature):
+            raise ValueError(
+                "a precomputed ensemble target is the mixture at one temperature, but the temperature schedule moves "
+                f"from {args.temperature} to {args.final_temperature}: use a constant temperature, or "
+                "precompute_teacher_logits=False to mix the teachers live at each step's temperature."
+            )
 
     @staticmethod
     def _check_member(ensemble: TeacherEnsemble, index: int, student_tokenizer, student, model=None) -> int:
@@ -111,7 +119,9 @@ class EnsembleDistillationTrainer(DistillationTrainer):
         # T * log p_mix: the loss's softmax(z / T) gives back p_mix (see kd_llm.training.teachers).
         return InMemoryTeacherLogits([args.temperature * mixture.log_probs() for mixture in mixtures])
 
-    def _teacher_logits_for(self, inputs: dict, cache_index, shifted_labels, student_logits) -> torch.Tensor:
+    def _teacher_logits_for(self, inputs: dict, cache_index, shifted_labels, student_logits,
+                            teacher_outputs=None) -> torch.Tensor:
+        # teacher_outputs (one teacher's forward for feature terms) never comes: feature terms are refused above.
         if self.teacher_logits is not None and cache_index is not None and self.model.training:
             return self.teacher_logits.gather(cache_index, shifted_labels, like=student_logits)
         # Evaluation with a precomputed target still needs the live teachers: load them all (once).

@@ -63,21 +63,9 @@ class MutualDistillationTrainer(DistillationTrainer):
 
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, *,
                  teacher_learning_rate: float | None = None, **kwargs):
-        if not isinstance(args, DistillationConfig):
-            raise TypeError("MutualDistillationTrainer needs args=DistillationConfig(...).")
+        self.check_config(args)
         if teacher_model is None:
             raise ValueError("online distillation needs teacher_model=<the peer that trains with the student>.")
-        if args.alpha >= 1:
-            raise ValueError("alpha=1 trains each model on hard labels alone: they would not learn from each other. "
-                             "Use alpha < 1.")
-        if args.precompute_teacher_logits:
-            raise ValueError("precompute_teacher_logits=True cannot serve online distillation: the teacher trains, "
-                             "so its outputs change every step. Set precompute_teacher_logits=False.")
-        if getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False):
-            raise NotImplementedError("on-policy distillation (lmbda > 0, seq_kd) is not supported in online mode.")
-        if args.fp16:
-            raise NotImplementedError("online distillation with fp16 loss scaling is not supported (the teacher's "
-                                      "optimizer does not share the scaler): use bf16 or fp32.")
         if hasattr(teacher_model, "peft_config"):
             raise NotImplementedError("a PEFT teacher cannot train online: merge it first (merge_and_unload).")
         if not any(p.requires_grad for p in teacher_model.parameters()):
@@ -93,6 +81,26 @@ class MutualDistillationTrainer(DistillationTrainer):
             raise NotImplementedError("online distillation under FSDP or DeepSpeed is not supported: use DDP or one "
                                       "process.")
         self.add_callback(_StepTeacher(self))
+
+    @staticmethod
+    def check_config(args) -> None:
+        """Raise for settings online distillation cannot honour (also called by the experiment before any work)."""
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("MutualDistillationTrainer needs args=DistillationConfig(...).")
+        if args.alpha >= 1:
+            raise ValueError("alpha=1 trains each model on hard labels alone: they would not learn from each other. "
+                             "Use alpha < 1.")
+        if args.precompute_teacher_logits:
+            raise ValueError("precompute_teacher_logits=True cannot serve online distillation: the teacher trains, "
+                             "so its outputs change every step. Set precompute_teacher_logits=False.")
+        if getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False):
+            raise NotImplementedError("on-policy distillation (lmbda > 0, seq_kd) is not supported in online mode.")
+        if getattr(args, "hidden_weight", 0) > 0 or getattr(args, "attention_weight", 0) > 0:
+            raise NotImplementedError("hidden-state / attention distillation is not supported in online mode: set "
+                                      "hidden_weight and attention_weight to 0")
+        if args.fp16:
+            raise NotImplementedError("online distillation with fp16 loss scaling is not supported (the teacher's "
+                                      "optimizer does not share the scaler): use bf16 or fp32.")
 
     @property
     def teacher_unwrapped(self) -> nn.Module:

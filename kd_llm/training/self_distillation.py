@@ -92,13 +92,7 @@ class EMADistillationTrainer(DistillationTrainer):
         kwargs.pop("teacher_model", None)
         if model is None:
             raise ValueError("EMADistillationTrainer needs model=<the student>: the teacher is its moving average.")
-        if not isinstance(args, DistillationConfig):
-            raise TypeError("EMADistillationTrainer needs args=DistillationConfig(...).")
-        if args.alpha >= 1:
-            raise ValueError("alpha=1 trains on hard labels alone: the EMA teacher would never be used.")
-        if args.precompute_teacher_logits:
-            raise ValueError("precompute_teacher_logits=True cannot serve an EMA teacher: its outputs change after "
-                             "every step. Set precompute_teacher_logits=False.")
+        self.check_config(args)
         self.ema = EMATeacher(model, ema_decay)
         super().__init__(model=model, teacher_model=self.ema.model, args=args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -106,6 +100,17 @@ class EMADistillationTrainer(DistillationTrainer):
                                       "process.")
         self.ema.model = self.accelerator.unwrap_model(self.teacher)
         self.add_callback(_UpdateEMATeacher(self))
+
+    @staticmethod
+    def check_config(args) -> None:
+        """Raise for settings an EMA teacher cannot honour (also called by the experiment before any work)."""
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("EMADistillationTrainer needs args=DistillationConfig(...).")
+        if args.alpha >= 1:
+            raise ValueError("alpha=1 trains on hard labels alone: the EMA teacher would never be used.")
+        if args.precompute_teacher_logits:
+            raise ValueError("precompute_teacher_logits=True cannot serve an EMA teacher: its outputs change after "
+                             "every step. Set precompute_teacher_logits=False.")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

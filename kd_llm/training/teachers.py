@@ -120,8 +120,11 @@ def ensemble_target_logits(teacher_logits: Sequence[Tensor], weights: Sequence[f
 TeacherMember = nn.Module | Callable[[], nn.Module]
 
 
-class TeacherEnsemble:
+class TeacherEnsemble(nn.Module):
     """Several teachers on one tokenizer, with weights, distilled as one mixture (see the module docstring).
+
+    An ``nn.Module`` only so that code handling teachers (unwrapping, placement checks) accepts it; the teachers are
+    deliberately not registered submodules: they are loaded lazily and frozen and placed one by one.
 
     Args:
         teachers: models, or zero-argument functions that load one. A function is only called when its teacher is
@@ -136,6 +139,7 @@ class TeacherEnsemble:
 
     def __init__(self, teachers: Sequence[TeacherMember], weights: Sequence[float] | None = None, *,
                  mixture: str = "probs", tokenizers: Sequence | None = None, names: Sequence[str] | None = None):
+        super().__init__()
         teachers = list(teachers)
         self.weights = validate_ensemble_weights(weights, len(teachers))
         if mixture not in ENSEMBLE_MIXTURES:
