@@ -352,3 +352,27 @@ def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_to
     assert len(logged) == 2 and all(value > 0 for value in logged)
     with pytest.raises(ValueError, match="other settings"):
         cache_teacher.main([*common, "--cache_k", "16"])
+
+
+def test_an_ensemble_is_cached_as_its_mixture(tmp_path, teacher, date_dataset, char_tokenizer):
+    from kd_llm.teacher_cache.build import teacher_fingerprint, teacher_function
+    from kd_llm.training.teachers import TeacherEnsemble, mix_log_probs
+
+    second = tiny_llama(89, hidden=32, seed=4).eval()
+    ensemble = TeacherEnsemble([teacher, lambda: second], [0.25, 0.75])
+    fingerprint = teacher_fingerprint(ensemble)
+    assert fingerprint != state_dict_sha256(teacher)
+    assert fingerprint != teacher_fingerprint(TeacherEnsemble([teacher, second], [0.5, 0.5]))
+    subset = date_dataset.select(range(6))
+    write_teacher_cache(teacher_function(ensemble, temperature=2.0, vocab_size=89), subset, tmp_path,
+                        collator=CausalLMCollator(0), teacher="pair", teacher_hash=fingerprint,
+                        tokenizer_hash=tokenizer_sha256(char_tokenizer), vocab_size=89, k=89, temperature=2.0,
+                        value_codec="float16", progress=False)
+    example = subset[3]
+    with torch.no_grad():
+        input_ids = torch.tensor([example["input_ids"]])
+        mixture = mix_log_probs([teacher(input_ids=input_ids).logits, second(input_ids=input_ids).logits],
+                                [0.25, 0.75], temperature=2.0)[0, :-1]
+    valid = torch.tensor(example["labels"][1:]) != -100
+    got = TeacherCache.open(tmp_path).targets_for([3])
+    torch.testing.assert_close(got.log_probs, mixture[valid], rtol=0, atol=5e-3)

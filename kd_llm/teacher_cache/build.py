@@ -145,6 +145,7 @@ def build_teacher_cache(script_args, config, cache_args: TeacherCacheArguments) 
     else:
         teacher = prepare(teacher)
     dataset = run_training_dataset(script_args, teacher, tokenizer)
+    main_model = teacher.models[0] if isinstance(teacher, TeacherEnsemble) else teacher
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     identity = script_args.teacher + "".join(f" + {spec}" for spec in getattr(script_args, "extra_teachers", None)
                                              or [])
@@ -156,4 +157,5 @@ def build_teacher_cache(script_args, config, cache_args: TeacherCacheArguments) 
         tokenizer_hash=tokenizer_sha256(tokenizer), vocab_size=vocab_size, k=cache_args.cache_k,
         temperature=temperature, value_codec=cache_args.cache_value_codec, shard_size=cache_args.cache_shard_size,
         batch_size=cache_args.cache_batch_size, device=device, progress=not config.disable_tqdm,
+        teacher_dtype=str(next(main_model.parameters()).dtype),
     )

@@ -51,6 +51,7 @@ class CacheMetadata:
     value_codec: str
     index_dtype: str
     shard_size: int
+    teacher_dtype: str = ""  # what the teacher computed in (its weights hash covers it too)
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     format: str = FORMAT

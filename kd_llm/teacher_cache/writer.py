@@ -81,7 +81,7 @@ class TeacherCacheWriter:
 
     def __init__(self, output_dir: str | os.PathLike, dataset, collator, *, teacher: str, teacher_hash: str,
                  tokenizer_hash: str, vocab_size: int, k: int = 64, temperature: float = 1.0,
-                 value_codec: str = "sqrt_uint8", shard_size: int = 1024):
+                 value_codec: str = "sqrt_uint8", shard_size: int = 1024, teacher_dtype: str = ""):
         check_value_codec(value_codec)
         problems = []
         if not k >= 1:
@@ -102,7 +102,7 @@ class TeacherCacheWriter:
             teacher=teacher, teacher_hash=teacher_hash, tokenizer_hash=tokenizer_hash,
             dataset_fingerprint=dataset_fingerprint(dataset), num_examples=len(dataset), vocab_size=vocab_size,
             k=min(k, vocab_size), temperature=float(temperature), value_codec=value_codec,
-            index_dtype=index_dtype(vocab_size).name, shard_size=shard_size,
+            index_dtype=index_dtype(vocab_size).name, shard_size=shard_size, teacher_dtype=teacher_dtype,
         )
 
     def _resume(self) -> set[int]:
@@ -139,12 +139,13 @@ class TeacherCacheWriter:
     @torch.no_grad()
     def _shard_rows(self, teacher_fn: TeacherFn, first: int, stop: int, *, batch_size: int, device):
         """Encoded rows of examples ``[first, stop)``, in example order."""
-        lengths = [len(self.dataset[i]["input_ids"]) for i in range(first, stop)]
+        shard = self.dataset.select(range(first, stop)).select_columns(["input_ids", "labels"])
+        lengths = [len(ids) for ids in shard["input_ids"]]
         order = sorted(range(first, stop), key=lambda i: lengths[i - first])  # tight padding
         rows: dict[int, tuple] = {}
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
-            batch = self.collator([self.dataset[i] for i in indices])
+            batch = self.collator([shard[i - first] for i in indices])
             output = teacher_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             if output.shape[-1] < self.metadata.vocab_size:
                 raise TeacherCacheError(f"The teacher produced {output.shape[-1]} logits per position but the "
@@ -185,7 +186,8 @@ class TeacherCacheWriter:
 def write_teacher_cache(teacher_fn: TeacherFn, dataset, output_dir: str | os.PathLike, *, collator, teacher: str,
                         teacher_hash: str, tokenizer_hash: str, vocab_size: int, k: int = 64,
                         temperature: float = 1.0, value_codec: str = "sqrt_uint8", shard_size: int = 1024,
-                        batch_size: int = 16, device="cpu", progress: bool = True) -> CacheMetadata:
+                        batch_size: int = 16, device="cpu", progress: bool = True,
+                        teacher_dtype: str = "") -> CacheMetadata:
     """Cache ``teacher_fn``'s top-k distribution over every supervised position of ``dataset``.
 
     Args:
@@ -199,8 +201,11 @@ def write_teacher_cache(teacher_fn: TeacherFn, dataset, output_dir: str | os.Pat
         vocab_size: the tokenizer's length; logits past it (embedding padding) are ignored.
         k, temperature, value_codec: what is stored (see :mod:`.codec`).
         shard_size: examples per shard (the unit of atomic writing and of resuming).
+        teacher_dtype: the dtype the teacher ran in, recorded for the reader (e.g. ``torch.float32``).
+
+    Run it in one process: shards are not coordinated between processes.
     """
     writer = TeacherCacheWriter(output_dir, dataset, collator, teacher=teacher, teacher_hash=teacher_hash,
                                 tokenizer_hash=tokenizer_hash, vocab_size=vocab_size, k=k, temperature=temperature,
-                                value_codec=value_codec, shard_size=shard_size)
+                                value_codec=value_codec, shard_size=shard_size, teacher_dtype=teacher_dtype)
     return writer.run(teacher_fn, batch_size=batch_size, device=device, progress=progress)
