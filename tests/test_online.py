@@ -124,3 +124,28 @@ def test_a_frozen_teacher_cannot_train_online(tmp_path, char_tokenizer, date_dat
         mutual(tmp_path, char_tokenizer, date_dataset, student, freeze_teacher(teacher))
     with pytest.raises(ValueError, match="teacher_learning_rate must be > 0"):
         mutual(tmp_path, char_tokenizer, date_dataset, *pair(char_tokenizer), teacher_learning_rate=0.0)
+
+
+@pytest.mark.slow
+def test_two_processes_train_both_models_like_one_process(tmp_path):
+    """DDP on 2 CPU processes x batch 4 gives the student *and the teacher* of 1 process x batch 8: the teacher's
+    gradients are averaged across processes too."""
+    from tests.conftest import CHAR_VOCAB
+    from tests.online_ddp_run import run
+    from tests.test_distributed import TESTS, accelerate_launch
+
+    models = tmp_path / "models"
+    tiny_llama(CHAR_VOCAB, hidden=48, seed=1).save_pretrained(models / "teacher")
+    tiny_llama(CHAR_VOCAB, seed=2).save_pretrained(models / "student")
+    accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(TESTS / "online_ddp_run.py"),
+                      "--models", str(models), "--output", str(tmp_path / "ddp"), "--per_device_train_batch_size",
+                      "4")
+    run(models, tmp_path / "single", per_device_train_batch_size=8)
+    run(models, tmp_path / "half", per_device_train_batch_size=4)  # what a missing gradient average would give
+    info = __import__("json").loads((tmp_path / "ddp" / "run.json").read_text())
+    assert info["num_processes"] == 2 and info["teacher_wrapper"] == "DistributedDataParallel"
+    for name in ("student", "teacher"):
+        ddp, single, half = (load_file(str(tmp_path / run_name / f"{name}.safetensors"))
+                             for run_name in ("ddp", "single", "half"))
+        assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) < 1e-5, name
+        assert max((half[k] - single[k]).abs().max().item() for k in half) > 1e-4, name
