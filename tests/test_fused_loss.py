@@ -243,3 +243,30 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="bias"):
         fused_distillation_objective(hs, ws, labels, ht, wt, alpha=0.5, student_bias=torch.zeros(3))
     assert fused_distillation_objective(hs, ws, labels, alpha=1.0).kd.item() == 0.0  # CE alone needs no teacher
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd"])  # the closed-form chunk and the autograd chunk
+def test_a_student_identical_to_its_teacher_gets_zero_kd_and_only_the_ce_gradient(loss):
+    hs, ws, _, _, _, labels = make_inputs(hidden=(8, 8), seed=23)
+    out = fused_distillation_objective(hs, ws, labels, hs.detach(), ws.detach(), alpha=0.3, loss=loss,
+                                       temperature=2.0, chunk_size=4)
+    assert out.kd.item() == pytest.approx(0.0, abs=1e-6)
+    ce_only = fused_distillation_objective(hs, ws, labels, alpha=1.0, chunk_size=4)
+    for got, want in zip(grads_of(out.total, (hs, ws)), grads_of(ce_only.total, (hs, ws))):
+        torch.testing.assert_close(got, 0.3 * want, **TOL)
+
+
+def test_closed_form_forward_kl_matches_the_autograd_chunk(monkeypatch):
+    import kd_llm.losses.fused as fused
+
+    hs, ws, bs, ht, wt, labels = make_inputs(shape=(4, 5), bias=True, seed=29)
+    ws = (ws.detach() * 6).requires_grad_()  # large logits, bent by the soft cap
+    options = dict(alpha=0.35, loss="forward_kl", temperature=0.7, student_softcap=5.0, teacher_softcap=4.0,
+                   chunk_size=3)
+    closed = fused_distillation_objective(hs, ws, labels, ht, wt, student_bias=bs, **options)
+    closed_grads = grads_of(closed.total, (hs, ws, bs))
+    monkeypatch.setattr(fused, "CLOSED_FORM_LOSSES", ())
+    generic = fused_distillation_objective(hs, ws, labels, ht, wt, student_bias=bs, **options)
+    assert_same_components(closed, generic)
+    for got, want in zip(closed_grads, grads_of(generic.total, (hs, ws, bs))):
+        torch.testing.assert_close(got, want, **TOL)

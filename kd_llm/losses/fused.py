@@ -9,7 +9,9 @@ scaled by the incoming gradient in the backward pass (the approach of Liger-Kern
 
 Per chunk, the loss is the same code as the dense path (``token_divergence``, ``log_softmax`` + ``nll_loss``), run on
 the chunk's logits with a local autograd graph; so every divergence, temperature and the T^2 scaling behave exactly
-as in ``kd_loss`` / ``distillation_objective``, which the tests pin to 1e-5.
+as in ``kd_loss`` / ``distillation_objective``, which the tests pin to 1e-5. Forward KL (the default) and the CE term
+alone have their chunk gradient written out instead (``softmax - onehot``, ``T (q_T - p_T)``): about half the
+``[rows, V]`` buffers and passes, pinned to the same dense values.
 
 Only ``total`` carries gradients: ``ce`` and ``kd`` come back detached (their gradients were folded into
 ``total``'s in the forward pass). Double backward is not supported.
@@ -66,6 +68,60 @@ def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None
     return soft_cap(F.linear(hidden.to(weight.dtype), weight, bias).to(dtype), cap)
 
 
+# Divergences whose chunk gradient is written out in closed form (fewer [rows, V] buffers, fewer passes); the others
+# go through autograd on the chunk's logits with the dense path's own code.
+CLOSED_FORM_LOSSES = ("forward_kl",)
+
+
+def _autograd_chunk(raw: Tensor, teacher_logits: Tensor | None, targets: Tensor, kd_columns: int, s: _Settings):
+    """``(CE sum, KD sum, d(alpha * CE + (1 - alpha) * KD) / d raw)`` for one chunk, by autograd through
+    ``token_divergence``, exactly the dense path's code. ``raw``: the chunk's logits before any soft cap."""
+    with torch.enable_grad():  # forward() runs under no_grad: `raw` becomes the local graph's leaf
+        raw.requires_grad_(True)
+        logits = soft_cap(raw, s.student_softcap)
+        objective = torch.zeros((), dtype=raw.dtype, device=raw.device)
+        ce = kd = objective
+        if s.alpha > 0:
+            ce = F.nll_loss(F.log_softmax(logits, dim=-1), targets, reduction="sum")
+            objective = objective + s.alpha * ce
+        if teacher_logits is not None:
+            kd = token_divergence(logits[:, :kd_columns], teacher_logits, loss=s.loss, temperature=s.temperature,
+                                  beta=s.beta, skew=s.skew).sum()
+            objective = objective + (1 - s.alpha) * kd
+        (grad,) = torch.autograd.grad(objective, raw)
+    return ce.detach(), kd.detach(), grad
+
+
+def _closed_form_chunk(raw: Tensor, teacher_logits: Tensor | None, targets: Tensor, kd_columns: int, s: _Settings):
+    """As :func:`_autograd_chunk`, for CE and forward KL, with the gradient written out:
+    d CE / dz = softmax(z) - onehot(target), d [T^2 KL(p_T || q_T)] / dz = T (q_T - p_T). Logits here are finite
+    (a matmul's output), so none of the -inf care of ``divergences._kl`` is needed; values agree with it to
+    rounding. About half the [rows, V] buffers of the autograd version."""
+    logits = soft_cap(raw, s.student_softcap)
+    zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
+    ce = kd = zero
+    if s.alpha > 0:
+        log_q = F.log_softmax(logits, dim=-1)
+        ce = F.nll_loss(log_q, targets, reduction="sum")
+        grad = log_q.exp_().mul_(s.alpha)
+        grad[torch.arange(targets.shape[0], device=grad.device), targets] -= s.alpha
+    else:
+        grad = torch.zeros_like(logits)
+    if teacher_logits is not None:
+        temperature = s.temperature
+        log_q_t = F.log_softmax(logits[:, :kd_columns] / temperature, dim=-1)
+        log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+        p_t = log_p_t.exp()
+        per_row = log_p_t.sub_(log_q_t).mul_(p_t).sum(dim=-1)
+        # divergences._kl clamps rounding below 0 to 0, which also stops those rows' gradient: do the same.
+        kept = (per_row >= 0).to(p_t.dtype).unsqueeze(-1)
+        kd = per_row.clamp_min(0.0).sum() * temperature**2
+        grad[:, :kd_columns].add_(log_q_t.exp_().sub_(p_t).mul_(kept), alpha=(1 - s.alpha) * temperature)
+    if s.student_softcap is not None:  # chain rule through cap * tanh(raw / cap): times 1 - tanh^2
+        grad.mul_(1 - (logits / s.student_softcap).square())
+    return ce, kd, grad
+
+
 class _FusedDistillation(torch.autograd.Function):
     """Inputs are already flattened: hidden ``[N, H]``, labels ``[N]``. Returns ``(total, ce, kd)`` scalars."""
 
@@ -89,29 +145,19 @@ class _FusedDistillation(torch.autograd.Function):
             teacher_weight = teacher_weight[:kd_columns]
             teacher_bias = None if teacher_bias is None else teacher_bias[:kd_columns]
 
+        chunk_loss = _closed_form_chunk if s.loss in CLOSED_FORM_LOSSES or not use_teacher else _autograd_chunk
         valid_rows = (labels != s.ignore_index).nonzero().squeeze(1)
         for start in range(0, valid_rows.shape[0], s.chunk_rows):
             rows = valid_rows[start:start + s.chunk_rows]
             hidden = student_hidden.index_select(0, rows)
-            # forward() runs under no_grad: `raw` is a fresh leaf, and the local graph starts there.
             raw = F.linear(hidden.to(student_weight.dtype), student_weight, student_bias).to(dtype)
-            with torch.enable_grad():
-                raw.requires_grad_(True)
-                logits = soft_cap(raw, s.student_softcap)
-                objective = torch.zeros((), dtype=dtype, device=device)
-                if s.alpha > 0:
-                    ce = F.nll_loss(F.log_softmax(logits, dim=-1), labels.index_select(0, rows), reduction="sum")
-                    ce_sum += ce.detach()
-                    objective = objective + s.alpha * ce
-                if use_teacher:
-                    with torch.no_grad():
-                        teacher_logits = _head(teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
-                                               s.teacher_softcap, dtype)
-                    kd = token_divergence(logits[:, :kd_columns], teacher_logits, loss=s.loss,
-                                          temperature=s.temperature, beta=s.beta, skew=s.skew).sum()
-                    kd_sum += kd.detach()
-                    objective = objective + (1 - s.alpha) * kd
-                (grad_logits,) = torch.autograd.grad(objective, raw)
+            teacher_logits = None
+            if use_teacher:
+                teacher_logits = _head(teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
+                                       s.teacher_softcap, dtype)
+            ce, kd, grad_logits = chunk_loss(raw, teacher_logits, labels.index_select(0, rows), kd_columns, s)
+            ce_sum += ce
+            kd_sum += kd
             if need_hidden:
                 grad_hidden.index_copy_(0, rows, (grad_logits.to(student_weight.dtype) @ student_weight)
                                         .to(grad_hidden.dtype))
@@ -125,7 +171,11 @@ class _FusedDistillation(torch.autograd.Function):
         total = s.alpha * ce_value + (1 - s.alpha) * kd_value
         grads = []
         for grad, like in ((grad_hidden, student_hidden), (grad_weight, student_weight), (grad_bias, student_bias)):
-            grads.append(None if grad is None else (grad.to(dtype) / normaliser).to(like.dtype))
+            if grad is not None:
+                # In place where the dtype allows: a [V, H] copy would raise the peak memory by one weight gradient.
+                grad = grad.div_(normaliser) if grad.dtype == dtype else (grad.to(dtype) / normaliser)
+                grad = grad.to(like.dtype)
+            grads.append(grad)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.has_grad = tuple(g is not None for g in grads)
         ctx.mark_non_differentiable(ce_value, kd_value)
@@ -134,9 +184,13 @@ class _FusedDistillation(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        # The usual case is loss.backward() on this very scalar: hand the stored gradients over without a copy.
+        # Otherwise scale them in place (a second backward through this graph then fails loudly on the version
+        # counter instead of using scaled gradients).
+        unit = bool(grad_total == 1)
         out = []
         for grad, present in zip(ctx.saved_tensors, ctx.has_grad):
-            out.append(grad * grad_total.to(grad.dtype) if present else None)
+            out.append((grad if unit else grad.mul_(grad_total.to(grad.dtype))) if present else None)
         return out[0], out[1], out[2], None, None, None, None, None, None
 
 
