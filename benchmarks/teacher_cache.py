@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine_info  # noqa: E402
+from kd_llm.data.collator import CausalLMCollator
+from kd_llm.data.sources import build_dataset, load_records
+from kd_llm.losses import kd_loss
+from kd_llm.losses.sparse import SparseTargets, sparse_token_divergence
+from kd_llm.models.loading import load_model, load_tokenizer
+from kd_llm.models.vocab import tokenizer_vocab_size
+from kd_llm.teacher_cache import TeacherCache, write_teacher_cache
+from kd_llm.teacher_cache.codec import top_k_rows
 
-from kd_llm.data.collator import CausalLMCollator  # noqa: E402
-from kd_llm.data.sources import build_dataset, load_records  # noqa: E402
-from kd_llm.losses import kd_loss  # noqa: E402
-from kd_llm.losses.sparse import SparseTargets, sparse_token_divergence  # noqa: E402
-from kd_llm.models.loading import load_model, load_tokenizer  # noqa: E402
-from kd_llm.models.vocab import tokenizer_vocab_size  # noqa: E402
-from kd_llm.teacher_cache import TeacherCache, write_teacher_cache  # noqa: E402
-from kd_llm.teacher_cache.codec import top_k_rows  # noqa: E402
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def build_student(spec: str, teacher, tokenizer, texts):
@@ -135,7 +135,9 @@ def main(argv=None) -> dict:
                       f"forward KL tail_bucket {fkl['error_pct']:+.3f}% (storage {fkl['storage_error_pct']:+.3f}%)",
                       flush=True)
     result = {"teacher": args.teacher, "student": args.student, "examples": len(dataset),
-              "supervised_tokens": len(teacher_logits), "vocab_size": vocab, "rows": rows, "machine": machine_info()}
+              "supervised_tokens": len(teacher_logits), "vocab_size": vocab, "rows": rows,
+              "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                          "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}}
     RESULTS_DIR.mkdir(exist_ok=True)
     name = args.teacher.replace(":", "_").replace("/", "_")
     (RESULTS_DIR / f"teacher_cache_{name}.json").write_text(json.dumps(result, indent=2))
