@@ -1,0 +1,45 @@
+"""Smoke tests of the benchmark scripts (tiny sizes): they run, write what the README reports, and measure memory
+in a way that can tell a materialised [N, V] tensor from a chunked loss. Not timings: those are benchmarks/."""
+
+import json
+
+import pytest
+
+from benchmarks import loss_memory, run
+
+
+def test_throughput_script_runs_every_variant_and_reports_ratios(tmp_path):
+    output = tmp_path / "throughput.json"
+    result = run.main(["--preset", "tiny", "--repeats", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["summary"] == result["summary"]
+    assert set(result["times"]) == set(run.VARIANTS)
+    for clock in ("cpu", "wall"):
+        ratios = result["summary"][clock]["ratio_to_limit"]
+        assert set(ratios) == {"dense_kd", "fused_kd", "cache_kd"} and all(r > 0 for r in ratios.values())
+    assert result["machine"]["cpu"] and result["machine"]["load_average_1min_per_round"]
+
+
+def check_dense_and_fused(measure):
+    # 1024 x 16384 float32 logits are 64 MiB per copy (above glibc's largest mmap threshold, so even without the
+    # benchmark's MALLOC_MMAP_THRESHOLD_ they are returned on free); chunks of 32 rows are 2 MiB.
+    dense = measure("dense", 16_384, 1024, 32, "cpu")
+    fused = measure("fused", 16_384, 1024, 32, "cpu")
+    logits_bytes = 1024 * 16_384 * 4
+    assert dense["peak_bytes"] > 3 * logits_bytes  # logits, softmaxes, gradients: several copies
+    weight_grad = fused["weight_grad_bytes"]
+    assert weight_grad <= fused["peak_bytes"] < weight_grad + logits_bytes
+    assert abs(dense["loss"] - fused["loss"]) < 1e-4
+
+
+def test_memory_measurement_sees_materialised_logits():
+    check_dense_and_fused(loss_memory.child)  # in this process: the same measurement without the process start
+
+
+@pytest.mark.slow
+def test_memory_measurement_in_fresh_processes():
+    check_dense_and_fused(loss_memory.measure)
+
+
+def test_line_fit_recovers_a_line():
+    intercept, slope = loss_memory.line_fit([(1, 5), (2, 7), (4, 11)])
+    assert abs(intercept - 3) < 1e-9 and abs(slope - 2) < 1e-9
