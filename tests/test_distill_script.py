@@ -65,6 +65,7 @@ def test_smollm2_teacher_into_importance_pruned_student(tmp_path):
         "--config", str(ROOT / "configs" / "smollm2_pruned.yaml"), "--output_dir", str(tmp_path / "smol"),
         "--max_steps", "2", "--train_size", "4", "--per_device_train_batch_size", "2", "--calibration_size", "2",
         "--evaluate_skills", "false", "--compare_hard_labels", "false", "--logging_steps", "1",
+        "--write_report", "false",  # timing a 135M+ teacher five times over is the report's job, not this test's
         "--disable_tqdm", "true",
     ])
     teacher, _, student = results["models"]
@@ -87,6 +88,7 @@ def test_gemma3_teacher_into_pruned_student(tmp_path):
         "--max_steps", "1", "--train_size", "2", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--student_layers", "0", "1", "17",
         "--evaluate_skills", "false", "--compare_hard_labels", "false", "--logging_steps", "1",
+        "--write_report", "false",  # timing a 135M+ teacher five times over is the report's job, not this test's
         "--disable_tqdm", "true",
     ])
     teacher, _, student = results["models"]
