@@ -185,6 +185,8 @@ def test_fixed_length_generation_ignores_eos_and_timing_counts_every_token(char_
     timing = time_generation(model, prompts, batch_size=3, new_tokens=8, repeats=2, pad_token_id=0,
                              eos_token_id=char_tokenizer.eos_token_id)
     assert timing["tokens_per_second"] == pytest.approx(3 * 8 / timing["latency_seconds"])
+    low, high = timing["latency_range_seconds"]
+    assert low <= timing["latency_seconds"] <= high
 
 
 def test_parameters_and_size_on_disk_count_tied_weights_once(char_tokenizer, tmp_path):

@@ -157,6 +157,7 @@ def time_generation(model, prompts: list[list[int]], *, batch_size: int, new_tok
         "latency_seconds": latency,
         "tokens_per_second": batch_size * new_tokens / latency,
         "runs": repeats,
+        "latency_range_seconds": [min(seconds), max(seconds)],  # on a shared machine, the spread says how much
     }
 
 
