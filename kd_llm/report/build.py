@@ -176,10 +176,11 @@ def comparison_lines(report: dict) -> list[str]:
         out.append(f"**{comparison['student']}** against the teacher:")
         size = comparison["teacher_student_size_ratio"]
         out.append(f"- teacher/student size ratio: {format_ratio(size)} (the student has "
-                   f"{format_ratio(ratios['parameters'])} the teacher's parameters, {format_ratio(ratios['size_on_disk'])} its "
-                   "size on disk)")
-        out.append(f"- speed (student/teacher tokens per second): {format_ratio(ratios['tokens_per_second_batch_1'])} at "
-                   f"batch 1, {format_ratio(ratios[f'tokens_per_second_batch_{batch}'])} at batch {batch}")
+                   f"{format_ratio(ratios['parameters'])} the teacher's parameters, "
+                   f"{format_ratio(ratios['size_on_disk'])} its size on disk)")
+        out.append("- speed (student/teacher tokens per second): "
+                   f"{format_ratio(ratios['tokens_per_second_batch_1'])} at batch 1, "
+                   f"{format_ratio(ratios[f'tokens_per_second_batch_{batch}'])} at batch {batch}")
         out.append(f"- peak inference memory (student/teacher): {format_ratio(ratios['peak_memory'])}")
         fraction = comparison["recovered_fraction"]
         if comparison["negative_transfer"] is None:
@@ -188,7 +189,8 @@ def comparison_lines(report: dict) -> list[str]:
             out.append("- recovered fraction of the teacher's lead: – (the teacher does not beat the hard-label "
                        "baseline)")
         else:
-            out.append(f"- recovered fraction of the teacher's lead over the hard-label baseline: {100 * fraction:.0f}%")
+            out.append("- recovered fraction of the teacher's lead over the hard-label baseline: "
+                       f"{100 * fraction:.0f}%")
         if comparison["negative_transfer"] is not None:
             verdict = comparison["negative_transfer"]["verdict"]
             out.append(f"- **{verdict}**" if comparison["negative_transfer"]["negative_transfer"] else f"- {verdict}")

@@ -148,7 +148,8 @@ def recipe_lines(run: dict) -> list[str]:
         student += f", keeping teacher layers {run['student_teacher_layers']}"
     lines.append(student + ".")
     if alpha is not None:
-        lines.append(f"- Objective: α·CE(student, labels) + (1 − α)·T²·D(teacher_T ‖ student_T), α = {alpha:g}, "
+        lines.append("- Objective: α·CE(student, labels) + (1 − α)·T²·D(teacher_T ‖ student_T), "
+                     f"α = {alpha:g}, "
                      f"D = {_divergence(d)}; every term summed over supervised tokens and divided by their count in "
                      "the accumulated batch.")
         lines.append(f"- Temperature: {_temperature(d)}.")

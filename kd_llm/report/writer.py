@@ -25,9 +25,9 @@ def summary(report: dict) -> str:
     ratios = comparison["ratios"]
     size = comparison["teacher_student_size_ratio"]
     speed_1, speed_b = ratios["tokens_per_second_batch_1"], ratios[f"tokens_per_second_batch_{batch}"]
-    text = (f"The teacher is {format_ratio(size)} the size of the student ({comparison['student']}) in parameters; the "
-            f"student generates {format_ratio(speed_1)} the teacher's tokens per second at batch 1 and {format_ratio(speed_b)} at "
-            f"batch {batch}." + _fraction_sentence(comparison))
+    text = (f"The teacher is {format_ratio(size)} the size of the student ({comparison['student']}) in parameters; "
+            f"the student generates {format_ratio(speed_1)} the teacher's tokens per second at batch 1 and "
+            f"{format_ratio(speed_b)} at batch {batch}." + _fraction_sentence(comparison))
     transfer = comparison["negative_transfer"]
     if transfer is not None and transfer["negative_transfer"]:
         text = f"**{transfer['verdict']}** " + text
@@ -82,8 +82,8 @@ def render_markdown(report: dict) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots] + [""]
     lines += ["## How it was measured", "", *measurement_notes(report), "",
-              f"_Written {report['created_utc']} by kd_llm {report['environment']['framework_versions'].get('kd_llm', '')}"
-              "._", ""]
+              f"_Written {report['created_utc']} by kd_llm "
+              f"{report['environment']['framework_versions'].get('kd_llm', '')}._", ""]
     return "\n".join(lines)
 
 
