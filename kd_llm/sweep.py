@@ -160,12 +160,15 @@ def plot_sweep(trials: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = sorted({(t["distillation_loss"], t["alpha"]) for t in trials})
+    series = sorted({(t["distillation_loss"], t["alpha"]) for t in trials if t["alpha"] < 1})
     for loss, alpha in series:
         points = sorted((t["temperature"], 100 * t["mean_category_exact_match"]) for t in trials
                         if t["distillation_loss"] == loss and t["alpha"] == alpha)
-        label = "hard labels (alpha=1)" if alpha == 1 else f"{loss}, alpha={alpha:g}"
-        ax.plot(*zip(*points), marker="o", label=label)
+        ax.plot(*zip(*points), marker="o", label=f"{loss}, alpha={alpha:g}")
+    for t in trials:  # hard labels ignore T: a reference line across the plot
+        if t["alpha"] == 1:
+            ax.axhline(100 * t["mean_category_exact_match"], color="black", linestyle="--",
+                       label="hard labels only (alpha=1)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("temperature T")
     ax.set_ylabel("mean exact match (%)")
