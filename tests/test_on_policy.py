@@ -363,10 +363,11 @@ def test_resume_reproduces_the_on_policy_choices_and_samples(tmp_path, char_toke
 
 def test_cached_teacher_serves_dataset_batches_and_the_live_teacher_generated_ones(tmp_path, char_tokenizer,
                                                                                   date_dataset):
-    live = make_trainer(tmp_path / "live", char_tokenizer, date_dataset, lmbda=0.5, max_steps=4)
+    # Both on the dense loss path (the cache never takes the fused one), so only the teacher's source differs.
+    live = make_trainer(tmp_path / "live", char_tokenizer, date_dataset, lmbda=0.5, max_steps=4, fused_loss="false")
     live.train()
     cached = make_trainer(tmp_path / "cached", char_tokenizer, date_dataset, lmbda=0.5, max_steps=4,
-                          precompute_teacher_logits=True)
+                          precompute_teacher_logits=True, fused_loss="false")
     assert cached.teacher_logits is not None
     cached.train()
     assert max_difference(params(live.model), params(cached.model)) < 1e-5
