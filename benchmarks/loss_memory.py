@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     chunk = args.chunk_size or None
+    machine = machine_info()
     rows_out = []
     fits = {}
     limit = min(args.max_gib * 2**30, 0.6 * available_bytes())
@@ -164,7 +165,8 @@ def main(argv=None) -> dict:
         done = {r["rows"]: r for r in rows_out if r["path"] == "fused" and r["vocab"] == 262_144}
         for rows in FLATNESS_ROWS:
             flatness.append(done.get(rows) or measure("fused", 262_144, rows, chunk, args.device))
-    result = {"benchmark": "loss_memory", "machine": machine_info(), "device": args.device,
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {"benchmark": "loss_memory", "machine": machine, "device": args.device,
               "settings": {"alpha": 0.5, "loss": "forward_kl", "temperature": 2.0, "fused_chunk_rows": chunk or "default",
                            "hidden_widths": {str(v): HIDDEN[v] for v in HIDDEN}},
               "measurements": rows_out, "dense_linear_fit": {str(v): f for v, f in fits.items()},

@@ -141,3 +141,21 @@ def test_bad_fused_settings_are_refused(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         DistillationConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
     assert DistillationConfig(output_dir=str(tmp_path), report_to="none", fused_loss=True).fused_loss == "true"
+
+
+class PlainForwardLlama(LlamaForCausalLM):
+    """A forward that takes no logits_to_keep / output_hidden_states (as older custom models)."""
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_a_forward_without_the_fused_arguments_is_reported(tmp_path, char_tokenizer, date_dataset):
+    torch.manual_seed(1)
+    teacher = PlainForwardLlama(tiny_llama_config())
+    with pytest.raises(ValueError, match="teacher: PlainForwardLlama's forward failed"):
+        make_trainer(tmp_path / "a", char_tokenizer, date_dataset, teacher, tiny_llama(CHAR_VOCAB, seed=2),
+                     fused_loss="true")
+    trainer = make_trainer(tmp_path / "b", char_tokenizer, date_dataset, teacher, tiny_llama(CHAR_VOCAB, seed=2))
+    assert trainer.fused_loss is False
+    trainer.train()  # the dense path runs with it

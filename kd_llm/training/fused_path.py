@@ -78,8 +78,9 @@ def probe_head(model: nn.Module, head: OutputHead) -> str | None:
     try:
         with torch.no_grad():
             outputs = model(input_ids=input_ids, use_cache=False, **FUSED_FORWARD_KWARGS)
-    except (TypeError, ValueError) as error:
-        return f"{type(model).__name__}'s forward does not take {FUSED_FORWARD_KWARGS} ({error})"
+    except Exception as error:  # noqa: BLE001 -- any failure here is a reason to use the dense path, reported
+        return (f"{type(model).__name__}'s forward failed with {FUSED_FORWARD_KWARGS} "
+                f"({type(error).__name__}: {error})")
     finally:
         model.train(was_training)
     hidden_states, logits = getattr(outputs, "hidden_states", None), getattr(outputs, "logits", None)
