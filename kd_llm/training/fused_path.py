@@ -68,9 +68,11 @@ def output_head(model: nn.Module) -> OutputHead | str:
     return OutputHead(head.weight, head.bias, final_logit_softcap(model))
 
 
-def probe_head(model: nn.Module, head: OutputHead) -> str | None:
+def probe_head(model: nn.Module, head: OutputHead, *, half_precision: bool = False) -> str | None:
     """Run ``model`` on a few tokens with the fused forward arguments; None if ``head`` applied to the hidden state
-    it returns gives the model's own logits, else why not (an unknown logit scaling, an ignored argument...)."""
+    it returns gives the model's own logits, else why not (an unknown logit scaling, an ignored argument...).
+    ``half_precision``: the model may run under a bf16/fp16 autocast (Accelerate wraps a prepared model's forward
+    with it), so its logits carry half-precision rounding even when they come back as float32."""
     device = head.weight.device
     input_ids = (torch.arange(PROBE_TOKENS, device=device) % head.weight.shape[0]).unsqueeze(0)
     was_training = model.training
@@ -89,10 +91,17 @@ def probe_head(model: nn.Module, head: OutputHead) -> str | None:
     if logits.shape[-2] != 1:
         return f"{type(model).__name__} ignores logits_to_keep=1 (it returned logits for {logits.shape[-2]} positions)"
     with torch.no_grad():
-        ours = soft_cap(nn.functional.linear(hidden_states[-1][:, -1:].to(head.weight.dtype), head.weight,
-                                             head.bias).float(), head.softcap)
-    theirs = logits.float()
-    tolerance = (1e-4 if head.weight.dtype == torch.float32 else 2e-2) * max(theirs.abs().max().item(), 1.0)
+        hidden = hidden_states[-1][:, -1:].to(head.weight.dtype)
+        ours = soft_cap(nn.functional.linear(hidden, head.weight, head.bias).float(), head.softcap)
+        theirs = logits.float()
+        scale = max(theirs.abs().max().item(), 1.0)
+        if half_precision or head.weight.dtype != torch.float32 or logits.dtype != torch.float32:
+            # A half-precision dot product is off by up to ~2^-8 of sum |h_i w_i| (inputs and sum rounded): allow
+            # that, which still catches any logit scaling (an error of the order of the logits themselves).
+            products = nn.functional.linear(hidden.float().abs(), head.weight.float().abs()).max().item()
+            tolerance = 1e-2 * (products + scale)
+        else:
+            tolerance = 1e-4 * scale
     difference = (ours - theirs).abs().max().item()
     if not difference <= tolerance:
         return (f"{type(model).__name__}'s logits are not soft_cap(lm_head(last hidden state)) (max difference "
@@ -110,6 +119,9 @@ def fused_path_blockers(trainer) -> list[str]:
         reasons.append("precompute_teacher_logits serves teacher logits, not the teacher's hidden states")
     if getattr(args, "teacher_cache", None):
         reasons.append("teacher_cache serves stored top-k targets, not the teacher's hidden states")
+    if getattr(trainer, "teacher_cache", None) is not None:
+        reasons.append("teacher_cache serves stored top-k targets (kd_llm.losses.sparse), not the teacher's hidden "
+                       "states")
     if getattr(trainer, "feature_distiller", None) is not None:
         reasons.append("feature distillation (hidden_weight / attention_weight) runs the teacher for full logits")
     from kd_llm.training.trainer import DistillationTrainer  # imported here: trainer.py imports this module
@@ -124,7 +136,8 @@ def fused_path_blockers(trainer) -> list[str]:
     if not reasons:  # probing costs two tiny forward passes: skip it when the answer is already no
         for role, model in models:
             head = output_head(model)
-            problem = head if isinstance(head, str) else probe_head(model, head)
+            problem = head if isinstance(head, str) else probe_head(
+                model, head, half_precision=trainer.accelerator.mixed_precision != "no")
             if problem is not None:
                 reasons.append(f"{role}: {problem}")
     return reasons
