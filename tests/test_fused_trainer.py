@@ -159,3 +159,24 @@ def test_a_forward_without_the_fused_arguments_is_reported(tmp_path, char_tokeni
     trainer = make_trainer(tmp_path / "b", char_tokenizer, date_dataset, teacher, tiny_llama(CHAR_VOCAB, seed=2))
     assert trainer.fused_loss is False
     trainer.train()  # the dense path runs with it
+
+
+def test_teacher_cache_trains_alike_on_the_fused_and_the_dense_path(tmp_path, char_tokenizer, date_dataset):
+    from tests.test_teacher_cache import build
+
+    teacher = tiny_llama(CHAR_VOCAB, hidden=48, seed=1).eval()
+    build(tmp_path / "cache", teacher, date_dataset, char_tokenizer, k=16, temperature=2.0)
+    trainers = []
+    for setting in ("false", "true"):
+        args = DistillationConfig(output_dir=str(tmp_path / setting), **{
+            **BASE, "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
+            teacher_cache=str(tmp_path / "cache"), fused_loss=setting)
+        trainer = DistillationTrainer(model=tiny_llama(CHAR_VOCAB, seed=2), args=args, train_dataset=date_dataset,
+                                      processing_class=char_tokenizer)
+        assert trainer.teacher is None and trainer.fused_loss is (setting == "true")
+        trainer.train()
+        trainers.append(trainer)
+    dense, fused = trainers
+    assert max_difference(params(dense.model), params(fused.model)) < 1e-5
+    assert max_difference(params(fused.model), params(tiny_llama(CHAR_VOCAB, seed=2))) > 1e-2
+    assert logged(fused, "kd_loss") == pytest.approx(logged(dense, "kd_loss"), rel=1e-5)

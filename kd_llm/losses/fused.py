@@ -59,7 +59,7 @@ class _Settings:
     kd_vocab_size: int | None
     chunk_rows: int
     student_softcap: float | None
-    teacher_softcap: float | None
+    tail_mode: str | None = None  # sparse (cached) targets only: kd_llm.losses.sparse's tail handling
 
 
 def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None, dtype: torch.dtype) -> Tensor:
@@ -122,12 +122,28 @@ def _closed_form_chunk(raw: Tensor, teacher_logits: Tensor | None, targets: Tens
     return ce, kd, grad
 
 
+class LmHeadTeacher:
+    """The teacher side of a chunk, from the teacher's hidden states and lm_head: its logits for the chunk's rows."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, kd_columns: int,
+                 loss: str):
+        # Only the shared columns are ever compared: the rest of the teacher's lm_head is never computed.
+        self.hidden, self.weight = hidden, weight[:kd_columns]
+        self.bias = None if bias is None else bias[:kd_columns]
+        self.softcap = softcap
+        self.chunk_loss = _closed_form_chunk if loss in CLOSED_FORM_LOSSES else _autograd_chunk
+
+    def chunk(self, rows: Tensor, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        return _head(self.hidden.index_select(0, rows), self.weight, self.bias, self.softcap, dtype)
+
+
 class _FusedDistillation(torch.autograd.Function):
-    """Inputs are already flattened: hidden ``[N, H]``, labels ``[N]``. Returns ``(total, ce, kd)`` scalars."""
+    """Inputs are already flattened: hidden ``[N, H]``, labels ``[N]``. ``teacher``: None (CE alone) or an object
+    with ``chunk(rows, start, stop, dtype)`` (what the chunk loss compares against, for the valid rows
+    ``start:stop`` whose indices are ``rows``) and ``chunk_loss``. Returns ``(total, ce, kd)`` scalars."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, normaliser, settings: _Settings):
+    def forward(ctx, student_hidden, student_weight, student_bias, labels, normaliser, settings: _Settings, teacher):
         s = settings
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
         device = student_hidden.device
@@ -138,24 +154,17 @@ class _FusedDistillation(torch.autograd.Function):
         grad_bias = torch.zeros(student_bias.shape, dtype=dtype, device=device) if need_bias else None
         ce_sum = torch.zeros((), dtype=dtype, device=device)
         kd_sum = torch.zeros((), dtype=dtype, device=device)
-        use_teacher = teacher_hidden is not None and s.alpha < 1
         kd_columns = s.kd_vocab_size if s.kd_vocab_size is not None else student_weight.shape[0]
-        if use_teacher:
-            # Only the shared columns of the teacher are ever compared: skip computing the rest.
-            teacher_weight = teacher_weight[:kd_columns]
-            teacher_bias = None if teacher_bias is None else teacher_bias[:kd_columns]
+        chunk_loss = _closed_form_chunk if teacher is None else teacher.chunk_loss
 
-        chunk_loss = _closed_form_chunk if s.loss in CLOSED_FORM_LOSSES or not use_teacher else _autograd_chunk
         valid_rows = (labels != s.ignore_index).nonzero().squeeze(1)
         for start in range(0, valid_rows.shape[0], s.chunk_rows):
-            rows = valid_rows[start:start + s.chunk_rows]
+            stop = min(start + s.chunk_rows, valid_rows.shape[0])
+            rows = valid_rows[start:stop]
             hidden = student_hidden.index_select(0, rows)
             raw = F.linear(hidden.to(student_weight.dtype), student_weight, student_bias).to(dtype)
-            teacher_logits = None
-            if use_teacher:
-                teacher_logits = _head(teacher_hidden.index_select(0, rows), teacher_weight, teacher_bias,
-                                       s.teacher_softcap, dtype)
-            ce, kd, grad_logits = chunk_loss(raw, teacher_logits, labels.index_select(0, rows), kd_columns, s)
+            teacher_chunk = None if teacher is None else teacher.chunk(rows, start, stop, dtype)
+            ce, kd, grad_logits = chunk_loss(raw, teacher_chunk, labels.index_select(0, rows), kd_columns, s)
             ce_sum += ce
             kd_sum += kd
             if need_hidden:
@@ -191,7 +200,7 @@ class _FusedDistillation(torch.autograd.Function):
         out = []
         for grad, present in zip(ctx.saved_tensors, ctx.has_grad):
             out.append((grad if unit else grad.mul_(grad_total.to(grad.dtype))) if present else None)
-        return out[0], out[1], out[2], None, None, None, None, None, None
+        return out[0], out[1], out[2], None, None, None, None
 
 
 def _flatten(hidden: Tensor, labels: Tensor, name: str) -> Tensor:
@@ -254,18 +263,12 @@ def fused_distillation_objective(
         ``LossComponents`` of float32 scalars (float64 for float64 hidden states). ``total`` carries the gradients;
         ``ce`` and ``kd`` are detached. With no valid token all are exactly 0, with zero gradients.
     """
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha (cross-entropy weight) must be in [0, 1], got {alpha}.")
-    _check_hyperparameters(loss, temperature, beta, skew)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown reduction {reduction!r}; valid reductions are: {', '.join(REDUCTIONS)}.")
-    if reduction == "sum" and num_items_in_batch is not None:
-        raise ValueError("num_items_in_batch normalises a 'mean' reduction; it cannot be combined with 'sum'.")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
-    for name, cap in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
-        if cap is not None and not cap > 0:
-            raise ValueError(f"{name} must be > 0 or None, got {cap}.")
+    check_common_arguments(alpha=alpha, loss=loss, temperature=temperature, beta=beta, skew=skew,
+                           reduction=reduction, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+    if teacher_softcap is not None and not teacher_softcap > 0:
+        raise ValueError(f"teacher_softcap must be > 0 or None, got {teacher_softcap}.")
+    if student_softcap is not None and not student_softcap > 0:
+        raise ValueError(f"student_softcap must be > 0 or None, got {student_softcap}.")
     use_teacher = alpha < 1
     if use_teacher and (teacher_hidden is None or teacher_weight is None):
         raise ValueError(f"teacher_hidden and teacher_weight are required when alpha < 1 (got alpha={alpha}).")
@@ -289,24 +292,46 @@ def fused_distillation_objective(
         teacher_weight = teacher_weight.detach()
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()
 
+    settings = _Settings(
+        alpha=float(alpha), loss=loss, temperature=float(temperature), beta=float(beta), skew=float(skew),
+        ignore_index=ignore_index, kd_vocab_size=kd_vocab_size if use_teacher else None,
+        chunk_rows=chunk_size or default_chunk_rows(student_weight.shape[0]), student_softcap=student_softcap,
+    )
+    teacher = None
+    if use_teacher:
+        teacher = LmHeadTeacher(teacher_rows, teacher_weight, teacher_bias, teacher_softcap,
+                                kd_vocab_size or student_weight.shape[0], loss)
+    return run_fused(student_rows, student_weight, student_bias, flat_labels, settings, teacher,
+                     reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
+def check_common_arguments(*, alpha, loss, temperature, beta, skew, reduction, num_items_in_batch,
+                           chunk_size) -> None:
+    """One clear ``ValueError`` for any bad argument the fused objectives share."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (cross-entropy weight) must be in [0, 1], got {alpha}.")
+    _check_hyperparameters(loss, temperature, beta, skew)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown reduction {reduction!r}; valid reductions are: {', '.join(REDUCTIONS)}.")
+    if reduction == "sum" and num_items_in_batch is not None:
+        raise ValueError("num_items_in_batch normalises a 'mean' reduction; it cannot be combined with 'sum'.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
+
+
+def run_fused(student_rows: Tensor, student_weight: Tensor, student_bias: Tensor | None, flat_labels: Tensor,
+              settings: _Settings, teacher, *, reduction: str, num_items_in_batch) -> LossComponents:
+    """Normalise and run :class:`_FusedDistillation` on flattened rows (arguments already checked)."""
     num_valid = None
     if reduction == "sum":
         normaliser = 1.0
     else:
         # An int num_items_in_batch is checked against the valid count (one sync, as in the dense path).
         if num_items_in_batch is None or not isinstance(num_items_in_batch, Tensor):
-            num_valid = int((flat_labels != ignore_index).sum())
+            num_valid = int((flat_labels != settings.ignore_index).sum())
         normaliser = _normaliser(num_items_in_batch, num_valid or 0, student_rows.device)
-    settings = _Settings(
-        alpha=float(alpha), loss=loss, temperature=float(temperature), beta=float(beta), skew=float(skew),
-        ignore_index=ignore_index, kd_vocab_size=kd_vocab_size if use_teacher else None,
-        chunk_rows=chunk_size or default_chunk_rows(student_weight.shape[0]),
-        student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-    )
-    total, ce, kd = _FusedDistillation.apply(
-        student_rows, student_weight, student_bias, teacher_rows, teacher_weight if use_teacher else None,
-        teacher_bias if use_teacher else None, flat_labels, normaliser, settings,
-    )
+    total, ce, kd = _FusedDistillation.apply(student_rows, student_weight, student_bias, flat_labels, normaliser,
+                                             settings, teacher)
     return LossComponents(total=total, ce=ce, kd=kd)
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kd_llm.losses import LossComponents
 from kd_llm.losses.fused import fused_distillation_objective, soft_cap
+from kd_llm.losses.fused_sparse import fused_sparse_distillation_objective
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,6 @@ def fused_path_blockers(trainer) -> list[str]:
         reasons.append("FSDP / DeepSpeed shard the lm_head weights the fused loss reads whole")
     if getattr(trainer, "teacher_logits", None) is not None or args.precompute_teacher_logits:
         reasons.append("precompute_teacher_logits serves teacher logits, not the teacher's hidden states")
-    if getattr(args, "teacher_cache", None):
-        reasons.append("teacher_cache serves stored top-k targets, not the teacher's hidden states")
-    if getattr(trainer, "teacher_cache", None) is not None:
-        reasons.append("teacher_cache serves stored top-k targets (kd_llm.losses.sparse), not the teacher's hidden "
-                       "states")
     if getattr(trainer, "feature_distiller", None) is not None:
         reasons.append("feature distillation (hidden_weight / attention_weight) runs the teacher for full logits")
     from kd_llm.training.trainer import DistillationTrainer  # imported here: trainer.py imports this module
@@ -162,12 +158,24 @@ def choose_loss_path(trainer) -> bool:
 
 
 def fused_objective_terms(trainer, student_outputs, inputs: dict, shifted_labels: Tensor, *, alpha: float,
-                          temperature: float, num_items_in_batch) -> LossComponents:
+                          temperature: float, num_items_in_batch, cache_index: Tensor | None = None) -> LossComponents:
     """The objective from the student's forward outputs (run with ``FUSED_FORWARD_KWARGS``) and a live teacher
-    forward on the same batch, both aligned with ``shifted_labels`` (``[B, T-1]``)."""
+    forward on the same batch, both aligned with ``shifted_labels`` (``[B, T-1]``); or, given ``cache_index``, the
+    teacher cache's stored targets for those examples (``kd_llm.teacher_cache``)."""
     args = trainer.args
     student_head = output_head(trainer.accelerator.unwrap_model(trainer.model))
     student_hidden = student_outputs.hidden_states[-1][:, :-1]
+    if cache_index is not None:
+        targets = None
+        if alpha < 1:
+            targets = trainer.teacher_cache.gather(cache_index, shifted_labels, device=student_hidden.device)
+        return fused_sparse_distillation_objective(
+            student_hidden, student_head.weight, shifted_labels, targets, student_bias=student_head.bias,
+            alpha=alpha, loss=args.distillation_loss, temperature=temperature, tail_mode=args.teacher_cache_tail_mode,
+            beta=args.beta, skew=args.skew, num_items_in_batch=num_items_in_batch,
+            kd_vocab_size=trainer.teacher_cache.vocab_size, chunk_size=args.loss_chunk_size or None,
+            student_softcap=student_head.softcap,
+        )
     teacher_hidden = teacher_weight = teacher_bias = teacher_softcap = None
     if alpha < 1:
         teacher_head = output_head(trainer.accelerator.unwrap_model(trainer.teacher))

@@ -178,7 +178,8 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         alpha = 0.0 if completion_source == STUDENT else args.alpha
         if fused:
             terms = fused_objective_terms(self, outputs, inputs, shifted_labels, alpha=alpha, temperature=temperature,
-                                          num_items_in_batch=num_items_in_batch)
+                                          num_items_in_batch=num_items_in_batch,
+                                          cache_index=cache_index if from_cache else None)
         elif from_cache:
             terms = sparse_cache_terms(self, student_logits, cache_index, shifted_labels, alpha=alpha,
                                        temperature=temperature, num_items_in_batch=num_items_in_batch)
