@@ -12,6 +12,8 @@ variant once, in a shuffled order, so that a change in the machine's load hits a
   decoding (targets already in memory); ``--cache logits`` keeps the teacher's full logits in memory
   (``precompute_teacher_logits``). Reading the shards from disk is not timed (the reader loads them once). To time
   another cache implementation, add a branch to :func:`cache_targets` and :func:`cache_step`.
+- ``fused_cache_kd``: the cache path through the fused loss (``kd_llm.losses.fused_sparse``: student hidden states
+  + lm_head weight, chunked), as ``DistillationTrainer`` runs it with ``fused_loss`` on;
 - the limits: ``teacher_forward`` (no grad, as the model's plain forward) and ``ce_step`` (a plain supervised
   fine-tuning step of the student: forward with ``labels``, Transformers' own cross-entropy, backward, AdamW).
   limit(dense/fused) = teacher_forward + ce_step; limit(cache) = ce_step.
@@ -49,7 +51,8 @@ PRESETS = {
                  num_key_value_heads=2, teacher_layers=2, student_layers=1, batch=2, length=32),
 }
 ALPHA, TEMPERATURE, TOP_K, CACHE_CODEC = 0.5, 2.0, 64, "sqrt_uint8"
-VARIANTS = ("dense_kd", "fused_kd", "cache_kd", "teacher_forward", "ce_step")
+VARIANTS = ("dense_kd", "fused_kd", "cache_kd", "fused_cache_kd", "teacher_forward", "ce_step")
+KD_PATHS = ("dense_kd", "fused_kd", "cache_kd", "fused_cache_kd")
 
 
 def build_model(preset: dict, layers: int, seed: int) -> LlamaForCausalLM:
@@ -87,20 +90,32 @@ def cache_targets(kind: str, teacher, batch: dict):
     return SparseTargets(ids, log_probs, log_tail, TEMPERATURE)
 
 
-def cache_step(kind: str, student, targets, batch: dict, num_items: int):
-    student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+def cache_step(kind: str, student, targets, batch: dict, num_items: int, *, fused: bool = False,
+               chunk_size: int | None = None):
+    """The cache path's loss; ``fused``: from the student's hidden states (``kd_llm.losses.fused_sparse``)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labels = batch["labels"][:, 1:]
+    if fused:
+        student_hidden = student(**inputs, **FUSED_FORWARD_KWARGS).hidden_states[-1][:, :-1]
+    else:
+        student_logits = student(**inputs).logits[:, :-1]
     if kind == "logits":
+        if fused:
+            raise ValueError("--cache logits has no fused variant (it keeps the teacher's full logits).")
         return distillation_objective(student_logits, targets, labels, alpha=ALPHA, temperature=TEMPERATURE,
                                       num_items_in_batch=num_items).total
+    from kd_llm.losses.fused_sparse import fused_sparse_distillation_objective
     from kd_llm.losses.sparse import SparseTargets, sparse_distillation_objective
     from kd_llm.teacher_cache.codec import decode_rows
 
     if kind == "decoded":
         targets = SparseTargets(*decode_rows(targets["gaps"], targets["values"], targets["log_tail"],
                                              codec=CACHE_CODEC), TEMPERATURE)
-    return sparse_distillation_objective(student_logits, targets, labels, alpha=ALPHA, temperature=TEMPERATURE,
-                                         tail_mode="tail_bucket", num_items_in_batch=num_items).total
+    options = dict(alpha=ALPHA, temperature=TEMPERATURE, tail_mode="tail_bucket", num_items_in_batch=num_items)
+    if fused:
+        return fused_sparse_distillation_objective(student_hidden, student.lm_head.weight, labels, targets,
+                                                   chunk_size=chunk_size, **options).total
+    return sparse_distillation_objective(student_logits, targets, labels, **options).total
 
 
 def make_steps(teacher, student, optimizer, batch: dict, cache_kind: str, chunk_size: int | None) -> dict:
@@ -132,6 +147,9 @@ def make_steps(teacher, student, optimizer, batch: dict, cache_kind: str, chunk_
     def cache_kd():
         finish(cache_step(cache_kind, student, targets, batch, num_items))
 
+    def fused_cache_kd():
+        finish(cache_step(cache_kind, student, targets, batch, num_items, fused=True, chunk_size=chunk_size))
+
     def teacher_forward():
         with torch.no_grad():
             teacher(**inputs)
@@ -139,8 +157,11 @@ def make_steps(teacher, student, optimizer, batch: dict, cache_kind: str, chunk_
     def ce_step():
         finish(student(**inputs, labels=batch["labels"]).loss)
 
-    return {"dense_kd": dense_kd, "fused_kd": fused_kd, "cache_kd": cache_kd, "teacher_forward": teacher_forward,
-            "ce_step": ce_step}
+    steps = {"dense_kd": dense_kd, "fused_kd": fused_kd, "cache_kd": cache_kd, "fused_cache_kd": fused_cache_kd,
+             "teacher_forward": teacher_forward, "ce_step": ce_step}
+    if cache_kind == "logits":
+        del steps["fused_cache_kd"]
+    return steps
 
 
 def timed(step) -> tuple[float, float]:
@@ -154,15 +175,14 @@ def summarise(times: dict, tokens: int) -> dict:
     for clock in ("cpu", "wall"):
         med = {name: median([t[clock] for t in runs]) for name, runs in times.items()}
         limit = med["teacher_forward"] + med["ce_step"]
+        paths = [name for name in KD_PATHS if name in med]
         out[clock] = {
             "median_s": {name: round(value, 4) for name, value in med.items()},
-            "steps_per_s": {name: round(1 / med[name], 4) for name in ("dense_kd", "fused_kd", "cache_kd", "ce_step")},
-            "tokens_per_s": {name: round(tokens / med[name], 1)
-                             for name in ("dense_kd", "fused_kd", "cache_kd", "ce_step")},
+            "steps_per_s": {name: round(1 / med[name], 4) for name in paths + ["ce_step"]},
+            "tokens_per_s": {name: round(tokens / med[name], 1) for name in paths + ["ce_step"]},
             "limit_s": {"kd (teacher_forward + ce_step)": round(limit, 4), "cache (ce_step)": round(med["ce_step"], 4)},
-            "ratio_to_limit": {"dense_kd": round(med["dense_kd"] / limit, 3),
-                               "fused_kd": round(med["fused_kd"] / limit, 3),
-                               "cache_kd": round(med["cache_kd"] / med["ce_step"], 3)},
+            "ratio_to_limit": {name: round(med[name] / (med["ce_step"] if "cache" in name else limit), 3)
+                               for name in paths},
         }
     return out
 
@@ -187,9 +207,9 @@ def main(argv=None) -> dict:
     batch = make_batch(preset, args.seed)
     steps = make_steps(teacher, student, optimizer, batch, args.cache, args.chunk_size or None)
     tokens = batch["input_ids"].numel()
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in steps}
     loads = []
-    order = list(VARIANTS)
+    order = list(steps)
     shuffle = random.Random(args.seed)
     for repeat in range(args.repeats + 1):  # round 0 warms up (allocator, lazy init) and is not recorded
         shuffle.shuffle(order)
@@ -199,7 +219,7 @@ def main(argv=None) -> dict:
             if repeat > 0:
                 times[name].append({"wall": wall, "cpu": cpu})
         print(f"round {repeat}/{args.repeats}: " + ", ".join(
-            f"{n} {times[n][-1]['cpu']:.2f}s cpu" for n in VARIANTS if times[n] and repeat > 0), flush=True)
+            f"{n} {times[n][-1]['cpu']:.2f}s cpu" for n in steps if times[n] and repeat > 0), flush=True)
     loads.append(round(os.getloadavg()[0], 2))
     result = {
         "benchmark": "throughput",
