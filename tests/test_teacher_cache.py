@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kd_llm import DistillationConfig, DistillationTrainer
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.losses import kd_loss
-from kd_llm.losses.sparse import SparseTargets, sparse_kd_loss
+from kd_llm.losses.sparse import sparse_kd_loss
 from kd_llm.teacher_cache import (
     TeacherCache,
     TeacherCacheError,

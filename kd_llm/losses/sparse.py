@@ -99,12 +99,6 @@ def same_temperature(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0)
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012); -inf at x == 0."""
-    x = x.clamp_max(0.0)
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def teacher_bucket_log_probs(targets: SparseTargets, *, tail_mode: str, temperature: float) -> Tensor:
     """Teacher log-probabilities over the compared outcomes: ``[N, k]`` (renormalise) or ``[N, k + 1]``."""
     check_sparse_setup("forward_kl", tail_mode, temperature=temperature, cache_temperature=targets.temperature)
