@@ -19,6 +19,8 @@ Only ``total`` carries gradients: ``ce`` and ``kd`` come back detached (their gr
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +75,10 @@ def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None, cap: float | None
 CLOSED_FORM_LOSSES = ("forward_kl",)
 
 
-def _autograd_chunk(raw: Tensor, teacher_logits: Tensor | None, targets: Tensor, kd_columns: int, s: _Settings):
+def autograd_chunk(raw: Tensor, teacher_chunk, targets: Tensor, kd_columns: int, s: _Settings, *, divergence):
     """``(CE sum, KD sum, d(alpha * CE + (1 - alpha) * KD) / d raw)`` for one chunk, by autograd through
-    ``token_divergence``, exactly the dense path's code. ``raw``: the chunk's logits before any soft cap."""
+    ``divergence(student_logits, teacher_chunk, settings) -> [rows]``, the dense path's own per-token code.
+    ``raw``: the chunk's logits before any soft cap."""
     with torch.enable_grad():  # forward() runs under no_grad: `raw` becomes the local graph's leaf
         raw.requires_grad_(True)
         logits = soft_cap(raw, s.student_softcap)
@@ -84,12 +87,19 @@ def _autograd_chunk(raw: Tensor, teacher_logits: Tensor | None, targets: Tensor,
         if s.alpha > 0:
             ce = F.nll_loss(F.log_softmax(logits, dim=-1), targets, reduction="sum")
             objective = objective + s.alpha * ce
-        if teacher_logits is not None:
-            kd = token_divergence(logits[:, :kd_columns], teacher_logits, loss=s.loss, temperature=s.temperature,
-                                  beta=s.beta, skew=s.skew).sum()
+        if teacher_chunk is not None:
+            kd = divergence(logits[:, :kd_columns], teacher_chunk, s).sum()
             objective = objective + (1 - s.alpha) * kd
         (grad,) = torch.autograd.grad(objective, raw)
     return ce.detach(), kd.detach(), grad
+
+
+def _dense_divergence(student_logits: Tensor, teacher_logits: Tensor, s: _Settings) -> Tensor:
+    return token_divergence(student_logits, teacher_logits, loss=s.loss, temperature=s.temperature, beta=s.beta,
+                            skew=s.skew)
+
+
+_autograd_chunk = functools.partial(autograd_chunk, divergence=_dense_divergence)
 
 
 def _closed_form_chunk(raw: Tensor, teacher_logits: Tensor | None, targets: Tensor, kd_columns: int, s: _Settings):

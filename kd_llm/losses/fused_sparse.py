@@ -8,40 +8,31 @@ for the hidden states and the weight accumulated chunk by chunk (:mod:`kd_llm.lo
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kd_llm.losses.fused import (
     _check_head,
     _flatten,
     _Settings,
+    autograd_chunk,
     check_common_arguments,
     default_chunk_rows,
     run_fused,
-    soft_cap,
 )
 from kd_llm.losses.objective import LossComponents
 from kd_llm.losses.sparse import SparseTargets, check_sparse_setup, sparse_token_divergence
 
 
-def _sparse_chunk(raw: Tensor, targets: SparseTargets | None, labels: Tensor, kd_columns: int, s: _Settings):
-    """``(CE sum, KD sum, d(alpha * CE + (1 - alpha) * KD) / d raw)`` for one chunk, by autograd through the dense
-    sparse path's own ``sparse_token_divergence``."""
-    with torch.enable_grad():  # the fused forward runs under no_grad: `raw` becomes the local graph's leaf
-        raw.requires_grad_(True)
-        logits = soft_cap(raw, s.student_softcap)
-        objective = torch.zeros((), dtype=raw.dtype, device=raw.device)
-        ce = kd = objective
-        if s.alpha > 0:
-            ce = F.nll_loss(F.log_softmax(logits, dim=-1), labels, reduction="sum")
-            objective = objective + s.alpha * ce
-        if targets is not None:
-            kd = sparse_token_divergence(logits[:, :kd_columns], targets, loss=s.loss, temperature=s.temperature,
-                                         tail_mode=s.tail_mode, beta=s.beta, skew=s.skew).sum()
-            objective = objective + (1 - s.alpha) * kd
-        (grad,) = torch.autograd.grad(objective, raw)
-    return ce.detach(), kd.detach(), grad
+def _sparse_divergence(student_logits: Tensor, targets: SparseTargets, s: _Settings) -> Tensor:
+    """The dense sparse path's own ``sparse_token_divergence``, per token."""
+    return sparse_token_divergence(student_logits, targets, loss=s.loss, temperature=s.temperature,
+                                   tail_mode=s.tail_mode, beta=s.beta, skew=s.skew)
+
+
+_sparse_chunk = functools.partial(autograd_chunk, divergence=_sparse_divergence)
 
 
 class SparseTeacher:
