@@ -48,3 +48,23 @@ def date_dataset(char_tokenizer):
     from kd_llm.data.sources import build_dataset, load_records
 
     return build_dataset(load_records("date_arithmetic", size=48, seed=1), char_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, char_tokenizer):
+    """An untrained 48-wide tiny Llama teacher saved with the char tokenizer: a folder the scripts load by path."""
+    folder = tmp_path_factory.mktemp("teacher")
+    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_distillation_config(tmp_path, **overrides):
+    """A 3-step CPU DistillationConfig (batch 8, lr 1e-2, alpha 0.5, T 2, logging every step), with overrides."""
+    from kd_llm.training import DistillationConfig
+
+    values = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+                  alpha=0.5, temperature=2.0)
+    values.update(overrides)
+    return DistillationConfig(**values)

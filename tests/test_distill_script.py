@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import distill_llm  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory, char_tokenizer):
-    folder = tmp_path_factory.mktemp("teacher")
-    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return folder
 
 
 # The tiny teacher is untrained, so the teacher check must be forced; the memory probe (subprocesses) is tested in

@@ -6,19 +6,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
 
-from kd_llm import DistillationConfig, DistillationTrainer
+from kd_llm import DistillationTrainer
 from kd_llm.features import PROJECTIONS_FILE, LayerMapError
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_distillation_config as make_config, tiny_llama
 
 TEACHER_WIDTH = 48  # the student is 32 wide: a teacher tensor or a projection in its files would show this width
 
 
-def make_config(tmp_path, **overrides) -> DistillationConfig:
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-                  alpha=0.5, temperature=2.0)
-    values.update(overrides)
-    return DistillationConfig(**values)
 
 
 def make_trainer(tmp_path, tokenizer, dataset, *, teacher=None, student=None, **overrides):

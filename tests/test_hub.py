@@ -315,12 +315,6 @@ def test_trainer_refuses_checkpoint_hub_strategies_before_training(hub, tmp_path
     assert hub.requests == []
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory, char_tokenizer):
-    folder = tmp_path_factory.mktemp("teacher")
-    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return folder
 
 
 RUN = ["--max_steps", "2", "--logging_steps", "1", "--train_size", "16", "--compare_hard_labels", "false",

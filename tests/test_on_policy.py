@@ -395,12 +395,10 @@ def test_generation_without_a_live_teacher_is_refused(tmp_path, char_tokenizer, 
 
 
 @pytest.mark.slow  # ~30 s on 2 busy cores: the script's whole pipeline (baseline, KD run, run report)
-def test_example_config_runs_the_script_with_a_hard_label_baseline(tmp_path, char_tokenizer):
-    from tests.test_distill_script import FAST, distill_llm, tiny_teacher_dir  # noqa: F401  (fixture reused)
+def test_example_config_runs_the_script_with_a_hard_label_baseline(tmp_path, tiny_teacher_dir):
+    from tests.test_distill_script import FAST, distill_llm
 
-    teacher_dir = tmp_path / "teacher"
-    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(teacher_dir)
-    char_tokenizer.save_pretrained(teacher_dir)
+    teacher_dir = tiny_teacher_dir
     config = Path(__file__).resolve().parent.parent / "configs" / "date_on_policy.yaml"
     results = distill_llm.main(["--config", str(config), "--teacher", str(teacher_dir),
                                 "--output_dir", str(tmp_path / "out"), *FAST, "--generation_max_new_tokens", "16",

@@ -10,7 +10,6 @@ from huggingface_hub import ModelCard
 from kd_llm.experiment import recovered_fraction as experiment_recovered_fraction
 from kd_llm.report import artifacts
 from kd_llm.report.checks import TeacherCheckError
-from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -21,26 +20,20 @@ FAST = ["--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_ne
         "--logging_steps", "2", "--disable_tqdm", "true", "--benchmark_batch_size", "4", "--benchmark_new_tokens", "8"]
 
 
-@pytest.fixture(scope="module")
-def untrained_teacher(tmp_path_factory, char_tokenizer):
-    folder = tmp_path_factory.mktemp("teacher")
-    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
-def forced_run(untrained_teacher, tmp_path_factory):
+def forced_run(tiny_teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    results = distill_llm.main(["--teacher", str(untrained_teacher), "--output_dir", str(out), "--force", "true",
+    results = distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(out), "--force", "true",
                                 *FAST])
     return out, results
 
 
-def test_untrained_teacher_stops_the_run_before_training(untrained_teacher, tmp_path):
+def test_tiny_teacher_dir_stops_the_run_before_training(tiny_teacher_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(TeacherCheckError, match=r"no better than the untrained student.*--force"):
-        distill_llm.main(["--teacher", str(untrained_teacher), "--output_dir", str(out), *FAST])
+        distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(out), *FAST])
     assert not (out / "model.safetensors").exists() and not (out / artifacts.RESULTS_JSON).exists()
     assert not (out / artifacts.BASELINE_DIR).exists()  # the baseline never trained
 
@@ -80,10 +73,10 @@ def test_run_writes_report_plots_and_card(forced_run):
                                artifacts.MODEL_CARD])
 
 
-def test_report_script_on_checkpoints_uses_the_runs_settings(forced_run, untrained_teacher, tmp_path):
+def test_report_script_on_checkpoints_uses_the_runs_settings(forced_run, tiny_teacher_dir, tmp_path):
     out, results = forced_run
     outcome = report_script.main([
-        "--teacher", str(untrained_teacher), "--student", str(out), "--baseline", str(out / artifacts.BASELINE_DIR),
+        "--teacher", str(tiny_teacher_dir), "--student", str(out), "--baseline", str(out / artifacts.BASELINE_DIR),
         "--output_dir", str(tmp_path / "again"), "--no_memory", "--benchmark_batch_size", "2",
         "--benchmark_new_tokens", "4", "--repeats", "1", "--model_id", "someone/tiny-student"])
     report = outcome["report"]
@@ -97,4 +90,4 @@ def test_report_script_on_checkpoints_uses_the_runs_settings(forced_run, untrain
     assert 'model_id = "someone/tiny-student"' in card.text and "4 optimizer steps" in card.text
     assert (tmp_path / "again" / artifacts.LOSS_PLOT).exists()  # curves from the run's log history
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        report_script.main(["--teacher", str(untrained_teacher), "--student", str(tmp_path / "missing")])
+        report_script.main(["--teacher", str(tiny_teacher_dir), "--student", str(tmp_path / "missing")])

@@ -11,7 +11,6 @@ from kd_llm.cli import parse_with_config
 from kd_llm.experiment import DistillationScriptArguments
 from kd_llm.sweep import SWEEP_FILES, SweepArguments, best_trial, trial_settings
 from kd_llm.training import DistillationConfig
-from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -59,12 +58,6 @@ def test_bad_sweep_settings_are_refused(kwargs, message):
         SweepArguments(**kwargs)
 
 
-@pytest.fixture()
-def tiny_teacher_dir(tmp_path, char_tokenizer):
-    folder = tmp_path / "teacher"
-    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(folder)
-    char_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_tiny_sweep_writes_table_plot_and_a_launchable_best_config(tiny_teacher_dir, tmp_path):

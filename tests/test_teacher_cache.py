@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_llm import DistillationConfig, DistillationTrainer
+from kd_llm import DistillationTrainer
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.losses import kd_loss
 from kd_llm.losses.sparse import sparse_kd_loss
@@ -23,7 +23,7 @@ from kd_llm.teacher_cache import (
 )
 from kd_llm.teacher_cache.codec import decode_rows, encode_rows, index_dtype, top_k_rows
 from kd_llm.teacher_cache.metadata import read_metadata
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_distillation_config as train_config, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +254,6 @@ def test_metadata_records_what_the_cache_is(cache_dir):
 # ---------------------------------------------------------------- training from the cache
 
 
-def train_config(tmp_path, **overrides) -> DistillationConfig:
-    values = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-                  alpha=0.5, temperature=2.0)
-    values.update(overrides)
-    return DistillationConfig(**values)
 
 
 def params(model):
