@@ -233,6 +233,17 @@ class _HubHandler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _readable_revision(self, repo_id: str, revision: str) -> tuple[Repo, str, dict] | None:
+        """``(repo, commit oid, files)`` at ``revision``, or None after answering 401/404."""
+        stored = self._readable_repo(repo_id)
+        if stored is None:
+            return None
+        found = stored.at(revision)
+        if found is None:
+            self._error(404, f"Revision {revision} not found", code="RevisionNotFound")
+            return None
+        return (stored, *found)
+
     # --- API ------------------------------------------------------------------------------------------------------
     def whoami(self, **_) -> None:
         user, _bad = self._user()
@@ -342,13 +353,10 @@ class _HubHandler(BaseHTTPRequestHandler):
                          "hookOutput": "", "pullRequestUrl": None})
 
     def model_info(self, repo: str, revision: str | None = None, **_) -> None:
-        stored = self._readable_repo(repo)
-        if stored is None:
-            return
-        found = stored.at(revision or "main")
+        found = self._readable_revision(repo, revision or "main")
         if found is None:
-            return self._error(404, f"Revision {revision} not found", code="RevisionNotFound")
-        oid, files = found
+            return
+        stored, oid, files = found
         siblings = [{"rfilename": path, "size": len(f.content), "blobId": f.git_oid,
                      **({"lfs": {"sha256": f.lfs_sha256, "size": len(f.content), "pointerSize": 134}}
                         if f.lfs_sha256 else {})}
@@ -358,13 +366,10 @@ class _HubHandler(BaseHTTPRequestHandler):
                          "library_name": "transformers", "siblings": siblings})
 
     def tree(self, repo: str, revision: str, query: dict, path: str | None = None, **_) -> None:
-        stored = self._readable_repo(repo)
-        if stored is None:
-            return
-        found = stored.at(revision)
+        found = self._readable_revision(repo, revision)
         if found is None:
-            return self._error(404, f"Revision {revision} not found", code="RevisionNotFound")
-        _, files = found
+            return
+        stored, _, files = found
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
         prefix = f"{path.strip('/')}/" if path else ""
         entries, folders = [], set()
@@ -386,13 +391,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._json(200, entries)
 
     def resolve(self, repo: str, revision: str, filename: str) -> None:
-        stored = self._readable_repo(repo)
-        if stored is None:
-            return
-        found = stored.at(revision)
+        found = self._readable_revision(repo, revision)
         if found is None:
-            return self._error(404, f"Revision {revision} not found", code="RevisionNotFound")
-        oid, files = found
+            return
+        stored, oid, files = found
         stored_file = files.get(filename)
         if stored_file is None:
             return self._error(404, f"{filename} not found", code="EntryNotFound", headers={"X-Repo-Commit": oid})
