@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import importlib.util
 import json
 import time
@@ -27,6 +28,7 @@ from kd_llm.models.students import build_student, rank_layers_by_importance
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
+from kd_llm.teacher_cache.reader import check_cache_teacher
 from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
 from kd_llm.training.memory_estimate import report_memory_estimate
@@ -202,6 +204,15 @@ def teacher_transfer_set(teacher, tokenizer, args: DistillationScriptArguments, 
                          source_name="teacher transfer set")
 
 
+def kd_needs_no_teacher(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
+    """Whether the teacher cache serves everything the KD training run asks of the teacher: plain offline
+    distillation of the logits on the dataset's completions (no on-policy or seq_kd generation, no feature terms,
+    one teacher)."""
+    return (bool(config.teacher_cache) and config.alpha < 1 and config.lmbda == 0 and not config.seq_kd
+            and not config.hidden_weight and not config.attention_weight
+            and args.distillation_mode == "offline" and not args.extra_teachers)
+
+
 def run_distillation(args: DistillationScriptArguments, config: DistillationConfig) -> dict:
     """Run the whole comparison and save the distilled student, its tokenizer and ``results.json`` in
     ``config.output_dir``. With ``push_to_hub``, that folder's allow-listed files are then pushed (kd_llm.hub)."""
@@ -229,7 +240,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
     untrained_student = new_student()
     # Before any training: the memory one process will need, and a warning when its device is short.
-    report_memory_estimate(untrained_student, teacher, config, train_dataset,
+    memory_teacher = None if kd_needs_no_teacher(args, config) else teacher  # a cache stands in for it
+    report_memory_estimate(untrained_student, memory_teacher, config, train_dataset,
                            max_length=args.max_length if args.transfer_size else None)  # transfer set: not built yet
 
     rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
@@ -256,8 +268,18 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         transfer = teacher_transfer_set(teacher, tokenizer, args, task_options)
         kd_dataset = datasets.concatenate_datasets([train_dataset, transfer.cast(train_dataset.features)])
         transfer_seconds = time.perf_counter() - started
-    trainer, seconds = _train(new_student(), teacher, tokenizer, config, kd_dataset,
+    kd_student = new_student()
+    if kd_needs_no_teacher(args, config):
+        # Offline teacher: the cache serves every KD batch. Check now that this teacher made it, then free the
+        # teacher for the training run (the report loads it again from disk).
+        check_cache_teacher(config.teacher_cache, teacher)
+        del new_student  # its closure holds the teacher
+        teachers.teacher = teacher = None
+        gc.collect()
+    trainer, seconds = _train(kd_student, teacher, tokenizer, config, kd_dataset,
                               make_trainer=functools.partial(build_trainer, args, teachers))
+    if teacher is None and args.write_report:
+        teacher = load_teachers(args).teacher
     seconds += transfer_seconds
     rows.append(_evaluate("student, distilled (KD)", trainer.model, tokenizer, args, eval_records,
                           {"train_seconds": round(seconds, 1)}))

@@ -95,6 +95,19 @@ def test_precision_checkpointing_and_hard_labels(student, teacher):
     assert "teacher weights" not in no_teacher.items
 
 
+def test_a_teacher_cache_keeps_the_kd_buffers_and_drops_the_teacher(student, teacher):
+    cached = estimate_memory(student, None, batch_size=8, sequence_length=256, precision="bf16", alpha=0.5,
+                             loss_path="fused", teacher_cache=True)
+    live = estimate_memory(student, teacher, batch_size=8, sequence_length=256, precision="bf16", alpha=0.5,
+                           loss_path="fused")
+    assert sum(value for name, value in cached.items.items() if name.startswith("teacher")) == 0
+    assert cached.items["student logits"] == live.items["student logits"]  # the student's KD buffer is still there
+    # A cache beside a loaded teacher (kept for evaluation): its weights count, its logits are never built.
+    beside = estimate_memory(student, teacher, batch_size=8, sequence_length=256, precision="bf16", alpha=0.5,
+                             loss_path="fused", teacher_cache=True)
+    assert beside.items["teacher logits"] == 0 and beside.items["teacher weights"] == live.items["teacher weights"]
+
+
 @pytest.mark.parametrize("zero_stage, sharded", [
     (None, {"student weights", "student gradients", "AdamW states", "teacher weights"}),  # FSDP: everything
     (1, {"AdamW states"}),
@@ -156,6 +169,10 @@ def test_loss_path_follows_fused_loss(tmp_path):
                                                                "(FSDP/DeepSpeed)")
     config.fused_loss = "false"
     assert chosen_loss_path(config, sharded=False) == ("dense", None)
+    # The trainer computes the cache's sparse targets on the fused path too (kd_llm.losses.fused_sparse).
+    cached = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", fused_loss="auto",
+                                teacher_cache="somewhere")
+    assert chosen_loss_path(cached, sharded=False)[0] == "fused"
 
 
 def test_longest_sequence(date_dataset):

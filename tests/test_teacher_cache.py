@@ -3,6 +3,7 @@ teacher, tokenizer, data, corrupt or incomplete shards), atomic and resumable wr
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from kd_llm.teacher_cache import (
 )
 from kd_llm.teacher_cache.codec import decode_rows, encode_rows, index_dtype, top_k_rows
 from kd_llm.teacher_cache.metadata import read_metadata
+from kd_llm.teacher_cache.reader import check_cache_teacher
 from tests.conftest import tiny_distillation_config as train_config, tiny_llama
 
 
@@ -162,6 +164,10 @@ def test_refuses_another_teacher(cache_dir, teacher, char_tokenizer):
     with pytest.raises(TeacherCacheError, match="another teacher"):
         TeacherCache.open(cache_dir, teacher=tiny_llama(len(char_tokenizer), hidden=48, seed=2))
     TeacherCache.open(cache_dir, teacher=teacher)
+    # The metadata-only check a script runs before it frees its teacher.
+    with pytest.raises(TeacherCacheError, match="another teacher"):
+        check_cache_teacher(cache_dir, tiny_llama(len(char_tokenizer), hidden=48, seed=2))
+    check_cache_teacher(cache_dir, teacher)
 
 
 def test_refuses_other_data(cache_dir, date_dataset):
@@ -318,11 +324,32 @@ def test_config_refuses_settings_a_cache_cannot_serve(tmp_path, overrides, messa
 # ---------------------------------------------------------------- the two scripts
 
 
-def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_tokenizer):
+def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_tokenizer, monkeypatch):
     """configs/date_cached_teacher.yaml's two commands on a tiny teacher: cache_teacher.py writes the cache of the
-    run (train set plus the teacher-written transfer set), distill_llm.py trains the KD student from it."""
+    run (train set plus the teacher-written transfer set), distill_llm.py trains the KD student from it with the
+    teacher out of memory, and refuses a cache that another teacher made."""
+    import gc
     import sys
     from pathlib import Path
+
+    import kd_llm.distillation_modes
+
+    seen = {}
+
+    class TeacherFreeCheck(DistillationTrainer):  # records what the KD trainer gets and what is alive in training
+        def training_step(self, *args, **kwargs):
+            with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
+                warnings.simplefilter("ignore")
+                seen["teachers alive"] = sum(isinstance(o, torch.nn.Module) and hasattr(o, "config")
+                                             and getattr(o.config, "hidden_size", None) == 40
+                                             for o in gc.get_objects())
+            return super().training_step(*args, **kwargs)
+
+        def __init__(self, *args, teacher_model=None, **kwargs):
+            seen["teacher_model"] = teacher_model
+            super().__init__(*args, teacher_model=teacher_model, **kwargs)
+
+    monkeypatch.setattr(kd_llm.distillation_modes, "DistillationTrainer", TeacherFreeCheck)
 
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     sys.path.insert(0, str(scripts))
@@ -330,7 +357,7 @@ def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_to
     import distill_llm
 
     teacher_dir = tmp_path / "teacher"
-    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(teacher_dir)
+    tiny_llama(len(char_tokenizer), hidden=40, seed=1).save_pretrained(teacher_dir)
     char_tokenizer.save_pretrained(teacher_dir)
     common = ["--config", str(scripts.parent / "configs" / "date_cached_teacher.yaml"), "--teacher", str(teacher_dir),
               "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--train_size", "12",
@@ -341,11 +368,18 @@ def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_to
                                 "--compare_hard_labels", "false", "--evaluate_skills", "false",
                                 "--write_report", "false", "--force", "true", "--logging_steps", "1"])
     assert results["steps"] == 2
+    assert seen == {"teacher_model": None, "teachers alive": 0}  # the teacher is the only model 40 wide
     assert results["teacher_cache"]["k"] == 8 and results["teacher_cache"]["tail_mode"] == "tail_bucket"
     logged = [entry["kd_loss"] for entry in results["kd_log_history"] if "kd_loss" in entry]
     assert len(logged) == 2 and all(value > 0 for value in logged)
     with pytest.raises(ValueError, match="other settings"):
         cache_teacher.main([*common, "--cache_k", "16"])
+    other_teacher = tmp_path / "other_teacher"
+    tiny_llama(len(char_tokenizer), hidden=40, seed=5).save_pretrained(other_teacher)
+    char_tokenizer.save_pretrained(other_teacher)
+    with pytest.raises(TeacherCacheError, match="another teacher"):
+        distill_llm.main([*common, "--teacher", str(other_teacher), "--max_steps", "1", "--compare_hard_labels",
+                          "false", "--evaluate_skills", "false", "--write_report", "false", "--force", "true"])
 
 
 def test_an_ensemble_is_cached_as_its_mixture(tmp_path, teacher, date_dataset, char_tokenizer):

@@ -35,6 +35,20 @@ def _short(digest: str) -> str:
     return digest[:12]
 
 
+def _check_teacher(path: Path, metadata: CacheMetadata, teacher_hash: str) -> None:
+    if teacher_hash != metadata.teacher_hash:
+        raise TeacherCacheError(
+            f"The teacher cache in {path} was made by another teacher ({metadata.teacher}, weights hash "
+            f"{_short(metadata.teacher_hash)}; this run's teacher hashes to {_short(teacher_hash)}). {REBUILD}"
+        )
+
+
+def check_cache_teacher(path: str | os.PathLike, teacher) -> None:
+    """Refuse the cache in ``path`` unless ``teacher``'s weights made it. Reads the metadata only, so a script can
+    check the teacher it loaded and then free it before training from the cache."""
+    _check_teacher(Path(path), read_metadata(path), state_dict_sha256(teacher))
+
+
 class TeacherCache:
     """The stored top-k targets of one teacher over one dataset; see :meth:`open`."""
 
@@ -76,13 +90,8 @@ class TeacherCache:
                 f"The teacher cache in {path} was made with another tokenizer (hash {_short(metadata.tokenizer_hash)}"
                 f", this run's is {_short(tokenizer_sha256(tokenizer))}), so its token ids mean other tokens. {REBUILD}"
             )
-        if teacher is not None:
-            teacher_hash = state_dict_sha256(teacher)
-        if teacher_hash is not None and teacher_hash != metadata.teacher_hash:
-            raise TeacherCacheError(
-                f"The teacher cache in {path} was made by another teacher ({metadata.teacher}, weights hash "
-                f"{_short(metadata.teacher_hash)}; this run's teacher hashes to {_short(teacher_hash)}). {REBUILD}"
-            )
+        if teacher is not None or teacher_hash is not None:
+            _check_teacher(path, metadata, teacher_hash or state_dict_sha256(teacher))
         if dataset is not None:
             fingerprint = dataset_fingerprint(dataset)
             if fingerprint != metadata.dataset_fingerprint:

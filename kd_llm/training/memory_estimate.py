@@ -120,10 +120,11 @@ class MemoryEstimate:
 def estimate_memory(student: nn.Module, teacher: nn.Module | None, *, batch_size: int, sequence_length: int,
                     precision: str = "no", alpha: float = 0.5, loss_path: str = "dense", chunk_rows: int = 0,
                     gradient_checkpointing: bool = False, shard_degree: int = 1, zero_stage: int | None = None,
-                    cached_teacher_tokens: int = 0) -> MemoryEstimate:
+                    cached_teacher_tokens: int = 0, teacher_cache: bool = False) -> MemoryEstimate:
     """Estimate one training process's memory. ``shard_degree``: processes that FSDP or DeepSpeed shard over (1: no
     sharding); ``zero_stage``: DeepSpeed's ZeRO stage (None: FSDP when ``shard_degree > 1``, which shards all);
-    ``cached_teacher_tokens``: supervised tokens whose float32 teacher logits ``precompute_teacher_logits`` keeps."""
+    ``cached_teacher_tokens``: supervised tokens whose float32 teacher logits ``precompute_teacher_logits`` keeps;
+    ``teacher_cache``: the KD term reads stored top-k targets (pass ``teacher=None`` when no teacher is loaded)."""
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"precision must be 'no', 'bf16' or 'fp16', got {precision!r}.")
     if loss_path not in ("dense", "fused"):
@@ -132,7 +133,8 @@ def estimate_memory(student: nn.Module, teacher: nn.Module | None, *, batch_size
         raise ValueError("batch_size, sequence_length and shard_degree must be at least 1.")
     s = ModelShape.of(student)
     t = ModelShape.of(teacher) if teacher is not None else None
-    uses_teacher = t is not None and alpha < 1
+    has_kd = alpha < 1 and (t is not None or teacher_cache)
+    uses_teacher = t is not None and alpha < 1 and not teacher_cache  # live teacher logits
     tokens = batch_size * sequence_length
     stage = 3 if zero_stage is None else zero_stage
     shard = lambda stages: shard_degree if stage in stages else 1  # noqa: E731
@@ -149,7 +151,7 @@ def estimate_memory(student: nn.Module, teacher: nn.Module | None, *, batch_size
     kept_layers = (s.num_layers * s.hidden_size + layer) if gradient_checkpointing else s.num_layers * layer
     items["student activations"] = tokens * (kept_layers + 2 * s.hidden_size) * compute_bytes(s)
 
-    terms = ["base"] + (["ce"] if alpha > 0 else []) + (["kd"] if uses_teacher else [])
+    terms = ["base"] + (["ce"] if alpha > 0 else []) + (["kd"] if has_kd else [])
     if loss_path == "dense":
         items["student logits"] = tokens * s.vocab_size * 4 * sum(DENSE_STUDENT_BUFFERS[k] for k in terms)
         items["teacher logits"] = tokens * t.vocab_size * 4 * DENSE_TEACHER_BUFFERS if uses_teacher else 0
@@ -216,7 +218,6 @@ def chosen_loss_path(config, sharded: bool) -> tuple[str, str | None]:
         return "dense", None
     blockers = [name for name, on in (
         ("FSDP/DeepSpeed", sharded), ("precompute_teacher_logits", config.precompute_teacher_logits),
-        ("teacher_cache", getattr(config, "teacher_cache", None)),
         ("feature distillation", getattr(config, "hidden_weight", 0) or getattr(config, "attention_weight", 0)),
     ) if on]
     if blockers:
@@ -234,9 +235,13 @@ def estimate_for_run(student: nn.Module, teacher: nn.Module | None, config, *, s
         precision=launch_precision(config), alpha=config.alpha, loss_path=loss_path,
         chunk_rows=getattr(config, "loss_chunk_size", 0) or 0, gradient_checkpointing=config.gradient_checkpointing,
         shard_degree=shard_degree, zero_stage=zero_stage, cached_teacher_tokens=cached_teacher_tokens,
+        teacher_cache=bool(getattr(config, "teacher_cache", None)),
     )
     if note:
         estimate.notes.append(note)
+    if getattr(config, "teacher_cache", None):
+        estimate.notes.append("teacher_cache: the KD term reads stored top-k targets"
+                              + ("" if teacher is not None else "; no teacher in memory"))
     return estimate
 
 
