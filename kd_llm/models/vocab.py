@@ -34,6 +34,10 @@ def _token_str(token) -> str | None:
 
 
 def _rows(model, which: str) -> int | None:
+    # A teacher in a side process (kd_llm.training.teacher_process) reports its sizes; its weights are not here.
+    reported = getattr(model, "reported_embedding_rows", None)
+    if isinstance(reported, dict):
+        return reported.get(which)
     getter = getattr(model, f"get_{which}_embeddings", None)
     module = getter() if getter is not None else None
     weight = getattr(module, "weight", None)

@@ -5,7 +5,8 @@ The trainer keeps the hooks small: :func:`teacher_cache_config_problems` validat
 :func:`sparse_cache_terms` computes a training batch's objective from the stored targets.
 
 With a cache the trainer needs no teacher for training batches. A teacher may still be passed: it is then checked
-against the cache (weights hash) and serves what the cache cannot (evaluation batches, on-policy generated batches).
+against the cache (weights hash) and serves what the cache cannot (evaluation batches, on-policy generated batches);
+a teacher in a side process (``kd_llm.training.teacher_process.TeacherProcess``) is checked by the hash it reports.
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ def open_trainer_cache(trainer, *, teacher_model, teacher_tokenizer, student_tok
         raise ValueError("Evaluating the distillation term needs the teacher on the evaluation data, which the cache "
                          "(training data only) does not hold: pass teacher_model=<the teacher> as well, or no "
                          "eval_dataset.")
+    # A side-process teacher's weights are in the other process: it reported their hash at start-up.
+    reported_hash = getattr(teacher_model, "weights_hash", None)
     cache = TeacherCache.open(
         args.teacher_cache, tokenizer=teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer,
-        dataset=trainer.train_dataset, teacher=teacher_model,
+        dataset=trainer.train_dataset, teacher=None if reported_hash else teacher_model, teacher_hash=reported_hash,
     )
     if student_tokenizer is not None and tokenizer_vocab_size(student_tokenizer) != cache.vocab_size:
         raise TeacherCacheError(f"The teacher cache covers {cache.vocab_size} tokens but the student's tokenizer "

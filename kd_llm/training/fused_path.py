@@ -32,6 +32,8 @@ FUSED_LOSS_CHOICES = ("auto", "true", "false")
 # Forward keyword arguments of the fused path: last position's logits only, last hidden state only.
 FUSED_FORWARD_KWARGS = {"logits_to_keep": 1, "output_hidden_states": -1}
 PROBE_TOKENS = 8
+SIDE_PROCESS_REASON = ("the teacher runs in a side process (TeacherProcess), which returns logits, not the hidden "
+                       "states and lm_head weights the fused loss reads")
 
 
 @dataclass
@@ -127,7 +129,12 @@ def fused_path_blockers(trainer) -> list[str]:
     elif type(trainer)._teacher_logits_for is not DistillationTrainer._teacher_logits_for:
         reasons.append(f"{type(trainer).__name__} builds its own teacher target (_teacher_logits_for)")
     models = [("student", trainer.accelerator.unwrap_model(trainer.model))]
-    if args.alpha < 1 and trainer.teacher is not None:
+    if getattr(trainer, "teacher_in_side_process", False):
+        # It returns logits only. With a cache the cached batches can still be fused; the ones the side process
+        # scores take the dense loss (compute_loss), which choose_loss_path logs.
+        if getattr(trainer, "teacher_cache", None) is None:
+            reasons.append(SIDE_PROCESS_REASON)
+    elif args.alpha < 1 and trainer.teacher is not None:
         models.append(("teacher", trainer.accelerator.unwrap_model(trainer.teacher)))
     if not reasons:  # probing costs two tiny forward passes: skip it when the answer is already no
         for role, model in models:
@@ -154,6 +161,9 @@ def choose_loss_path(trainer) -> bool:
         return False
     chunk = trainer.args.loss_chunk_size or "auto"
     logger.info("kd_llm loss path: fused, chunked (loss_chunk_size=%s): no [B, T, V] logits are materialised.", chunk)
+    if getattr(trainer, "teacher_in_side_process", False):
+        logger.warning("kd_llm loss path: fused for the teacher cache's batches only; the batches the cache does not "
+                       "hold (on-policy samples, evaluation) take the dense loss: %s.", SIDE_PROCESS_REASON)
     return True
 
 

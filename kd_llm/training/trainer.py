@@ -22,6 +22,7 @@ from kd_llm.training.precision import check_mixed_precision
 from kd_llm.training.schedules import temperature_at
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
 from kd_llm.training.teacher_placement import prepare_teacher
+from kd_llm.training.teacher_process import TeacherProcess, side_process_teacher_problems
 
 
 # HubPushMixin: push_to_hub=True pushes an allow-list of files (kd_llm.hub), never the whole output folder.
@@ -39,7 +40,9 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
 
     Args:
         model: the student.
-        teacher_model: the teacher (may be None only when ``alpha == 1``).
+        teacher_model: the teacher (may be None when ``alpha == 1`` or a ``teacher_cache`` serves every batch), or a
+            :class:`~kd_llm.training.teacher_process.TeacherProcess`: the teacher in a side process, which scores
+            the batches a cache does not hold (on-policy samples, evaluation) on the dense loss.
         args: a :class:`DistillationConfig`.
         teacher_tokenizer: the teacher's tokenizer, checked against ``processing_class`` (the student's). Leave None
             when both use the same tokenizer object.
@@ -60,7 +63,10 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
             # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
             raise ValueError("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
                              "live teacher can score or write, not a cache of teacher outputs on the dataset: pass "
-                             "teacher_model=<the teacher> (a cache may still serve the dataset batches).")
+                             "teacher_model=<the teacher> (a cache may still serve the dataset batches), or, for "
+                             "lmbda > 0 with the teacher out of this process, teacher_model=TeacherProcess(<teacher "
+                             "path>) (kd_llm.training.teacher_process), which scores the student's samples in a side "
+                             "process while the cache serves the dataset batches.")
         if (args.precompute_teacher_logits or args.teacher_cache) and kwargs.get("train_dataset") is not None:
             dataset = kwargs["train_dataset"]
             kwargs["train_dataset"] = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
@@ -85,7 +91,16 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         self._loss_shifts_labels = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.teacher = None
-        if teacher_model is not None:
+        # A teacher in a side process returns logits only: never frozen or placed here (it has no parameters, the
+        # child froze its model), never saved, and the batches it scores take the dense loss.
+        self.teacher_in_side_process = isinstance(teacher_model, TeacherProcess)
+        if self.teacher_in_side_process:
+            problems = side_process_teacher_problems(self, teacher_model)
+            if problems:
+                raise ValueError("teacher_model is a TeacherProcess (the teacher in a side process), which cannot "
+                                 "serve this run: " + "; ".join(problems) + ".")
+            self.teacher = teacher_model
+        elif teacher_model is not None:
             self.teacher = self._setup_teacher(teacher_model)
         # hidden_weight / attention_weight: layer maps and attention layouts are checked here (kd_llm.features).
         self._setup_feature_distillation(teacher_model)
@@ -147,9 +162,10 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        teacher = self.teacher if self.teacher_in_side_process else self.accelerator.unwrap_model(self.teacher)
         batches = self.completion_generator.replace(
             batches, step=self.state.global_step, student=self.accelerator.unwrap_model(self.model),
-            teacher=self.accelerator.unwrap_model(self.teacher), process_index=self.args.process_index,
+            teacher=teacher, process_index=self.args.process_index,
             autocast=self.accelerator.autocast,
         )
         return batches, self._get_num_items_in_batch(batches, device)
@@ -160,8 +176,11 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         # On the student's own samples only the teacher's distribution teaches: no cross-entropy on them.
         # (Generated batches: kd_llm.training.on_policy.)
         completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
-        # The fused path needs no logits; evaluation with compute_metrics reads them, so it takes the dense path.
-        fused = self.fused_loss and not (return_outputs and self.compute_metrics is not None)
+        from_cache = self.teacher_cache is not None and cache_index is not None and model.training
+        # The fused path needs no logits; evaluation with compute_metrics reads them, so it takes the dense path. So
+        # do the batches a side-process teacher scores: it returns logits, not hidden states (see choose_loss_path).
+        fused = (self.fused_loss and not (return_outputs and self.compute_metrics is not None)
+                 and (from_cache or not self.teacher_in_side_process))
         with self._student_feature_capture(model) as student_features:
             outputs = model(**inputs, use_cache=False, **(FUSED_FORWARD_KWARGS if fused else {}))
         student_logits = None if fused else outputs.logits[:, :-1]
@@ -171,7 +190,6 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         # Feature terms (hidden_weight, attention_weight) run the live teacher once, with hooks; its logits are reused.
         teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch)
         teacher_logits = None
-        from_cache = self.teacher_cache is not None and cache_index is not None and model.training
         if args.alpha < 1 and not fused and not from_cache:
             teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,
                                                       teacher_outputs)
