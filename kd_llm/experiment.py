@@ -6,6 +6,7 @@ compare teacher, untrained student, hard-label student and distilled student on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 
 from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
@@ -32,6 +34,7 @@ from kd_llm.teacher_cache.reader import check_cache_teacher
 from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
 from kd_llm.training.memory_estimate import report_memory_estimate
+from kd_llm.training.teacher_process import TeacherProcess
 
 
 @dataclass
@@ -115,6 +118,12 @@ class DistillationScriptArguments(DistillationModeArguments):
     )
     card_license: str | None = field(
         default=None, metadata={"help": "Model card license; default: the teacher's when kd_llm knows it, else other."}
+    )
+    teacher_process_device: str | None = field(
+        default=None,
+        metadata={"help": "With teacher_cache and lmbda > 0 the KD run's teacher is loaded by a side process, which "
+                          "scores the student's samples (kd_llm.training.teacher_process): the device it runs on "
+                          "(cpu, cuda, cuda:1 ...). Default: cuda when training on a GPU, else cpu."},
     )
 
     def __post_init__(self):
@@ -204,13 +213,35 @@ def teacher_transfer_set(teacher, tokenizer, args: DistillationScriptArguments, 
                          source_name="teacher transfer set")
 
 
+def _cache_serves_the_logits(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
+    """Plain offline distillation of one teacher's logits from a teacher cache: no seq_kd (the teacher would write
+    completions), no feature terms (they read its hidden states), no ensemble or other mode."""
+    return (bool(config.teacher_cache) and config.alpha < 1 and not config.seq_kd
+            and not config.hidden_weight and not config.attention_weight
+            and args.distillation_mode == "offline" and not args.extra_teachers)
+
+
 def kd_needs_no_teacher(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
     """Whether the teacher cache serves everything the KD training run asks of the teacher: plain offline
     distillation of the logits on the dataset's completions (no on-policy or seq_kd generation, no feature terms,
     one teacher)."""
-    return (bool(config.teacher_cache) and config.alpha < 1 and config.lmbda == 0 and not config.seq_kd
-            and not config.hidden_weight and not config.attention_weight
-            and args.distillation_mode == "offline" and not args.extra_teachers)
+    return _cache_serves_the_logits(args, config) and config.lmbda == 0
+
+
+def kd_teacher_in_side_process(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
+    """Whether the KD run scores the student's on-policy samples with a teacher in a side process
+    (:class:`~kd_llm.training.teacher_process.TeacherProcess`) while the cache serves the dataset batches: as
+    :func:`kd_needs_no_teacher`, but with ``lmbda > 0``. The training process then holds no teacher either."""
+    return _cache_serves_the_logits(args, config) and config.lmbda > 0
+
+
+def side_process_teacher(args: DistillationScriptArguments, config: DistillationConfig) -> TeacherProcess:
+    """The run's teacher (merged with ``teacher_adapter``), loaded by a side process on ``teacher_process_device``."""
+    device = args.teacher_process_device
+    if device is None:
+        device = "cpu" if config.use_cpu or not torch.cuda.is_available() else "cuda"
+    return TeacherProcess(args.teacher, adapter=args.teacher_adapter, trust_remote_code=args.trust_remote_code,
+                          device=device)
 
 
 def run_distillation(args: DistillationScriptArguments, config: DistillationConfig) -> dict:
@@ -223,6 +254,10 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     hub_target = HubTarget.from_training_args(config) if config.push_to_hub and config.process_index == 0 else None
     config = without_hub_push(config)
     check_mode_config(args, config)  # settings the distillation mode cannot honour fail now, before any work
+    if kd_teacher_in_side_process(args, config) and config.world_size > 1:
+        raise ValueError("teacher_cache with lmbda > 0 scores the on-policy samples with a teacher in one side "
+                         "process, which serves one training process: launch a single process (each rank would "
+                         "need its own side process), or set lmbda 0.")
     teachers = load_teachers(args)  # with teacher_adapter merged; ensemble members checked, loaded when needed
     teacher, tokenizer = teachers.teacher, teachers.tokenizer
     task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
@@ -240,7 +275,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
     untrained_student = new_student()
     # Before any training: the memory one process will need, and a warning when its device is short.
-    memory_teacher = None if kd_needs_no_teacher(args, config) else teacher  # a cache stands in for it
+    teacher_elsewhere = kd_needs_no_teacher(args, config) or kd_teacher_in_side_process(args, config)
+    memory_teacher = None if teacher_elsewhere else teacher  # a cache (and a side process) stand in for it
     report_memory_estimate(untrained_student, memory_teacher, config, train_dataset,
                            max_length=args.max_length if args.transfer_size else None)  # transfer set: not built yet
 
@@ -269,15 +305,22 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         kd_dataset = datasets.concatenate_datasets([train_dataset, transfer.cast(train_dataset.features)])
         transfer_seconds = time.perf_counter() - started
     kd_student = new_student()
-    if kd_needs_no_teacher(args, config):
-        # Offline teacher: the cache serves every KD batch. Check now that this teacher made it, then free the
-        # teacher for the training run (the report loads it again from disk).
+    if teacher_elsewhere:
+        # Offline teacher: the cache serves every dataset batch (and with lmbda > 0 a side process scores the
+        # student's samples). Check now that this teacher made the cache, then free it for the training run (the
+        # report loads it again from disk).
         check_cache_teacher(config.teacher_cache, teacher)
         del new_student  # its closure holds the teacher
         teachers.teacher = teacher = None
         gc.collect()
-    trainer, seconds = _train(kd_student, teacher, tokenizer, config, kd_dataset,
-                              make_trainer=functools.partial(build_trainer, args, teachers))
+    with (side_process_teacher(args, config) if kd_teacher_in_side_process(args, config)
+          else contextlib.nullcontext()) as teacher_process:
+        if teacher_process is not None:
+            teachers.teacher = teacher_process  # stopped when training ends, before the report reloads the teacher
+        trainer, seconds = _train(kd_student, teachers.teacher, tokenizer, config, kd_dataset,
+                                  make_trainer=functools.partial(build_trainer, args, teachers))
+    if teacher_process is not None:
+        teachers.teacher = None
     if teacher is None and args.write_report:
         teacher = load_teachers(args).teacher
     seconds += transfer_seconds
