@@ -1,0 +1,210 @@
+"""The teacher in a side process (kd_llm.training.teacher_process): its logits, its errors and lifetime, on-policy
+training from a teacher cache with it, and distill_llm.py choosing it for teacher_cache + lmbda > 0."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from accelerate import Accelerator
+
+from kd_llm import DistillationTrainer
+from kd_llm.data.collator import CausalLMCollator
+from kd_llm.models.loading import load_model
+from kd_llm.teacher_cache import TeacherCacheError, state_dict_sha256
+from kd_llm.training.teacher_process import TeacherProcess, TeacherProcessError
+from tests.conftest import tiny_distillation_config, tiny_llama
+from tests.test_teacher_cache import build as build_cache
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def proxy(tiny_teacher_dir):
+    with TeacherProcess(tiny_teacher_dir, num_threads=1) as teacher:
+        yield teacher
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    return load_model(tiny_teacher_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, teacher, date_dataset, char_tokenizer):
+    path = tmp_path_factory.mktemp("cache")
+    build_cache(path, teacher, date_dataset, char_tokenizer, k=16, temperature=2.0)
+    return path
+
+
+def params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def spawned_children() -> set[int]:
+    """Pids of this process's multiprocessing "spawn" children, and of any zombie child."""
+    pids = set()
+    for child in psutil.Process().children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE or "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def test_proxy_logits_equal_the_in_process_teachers_on_a_padded_batch(proxy, teacher, date_dataset,
+                                                                       char_tokenizer):
+    batch = CausalLMCollator(char_tokenizer.pad_token_id)([date_dataset[i] for i in range(6)])
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths: padding is exercised
+    got = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    with torch.no_grad():
+        expected = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # What the trainer checks it by, as the child reported it.
+    assert proxy.weights_hash == state_dict_sha256(teacher)
+    assert proxy.reported_embedding_rows == {"input": 89, "output": 89}
+    assert proxy.config.hidden_size == 48
+    with pytest.raises(TypeError, match="returns logits only"):
+        proxy(input_ids=batch["input_ids"], output_hidden_states=True)
+
+
+def test_child_errors_surface_in_the_parent_and_close_leaves_no_process(tmp_path, tiny_teacher_dir):
+    before, started = spawned_children(), time.monotonic()
+    with pytest.raises(TeacherProcessError, match=r"failed while loading .*FileNotFoundError: model path .*missing"):
+        TeacherProcess(tmp_path / "missing")
+    assert time.monotonic() - started < 60  # the child's start-up (imports) and its error, not a timeout
+    assert spawned_children() <= before  # the failed child was joined
+
+    teacher = TeacherProcess(tiny_teacher_dir, num_threads=1)
+    pid = teacher.pid
+    with pytest.raises(TeacherProcessError, match="failed while scoring a batch: IndexError"):
+        teacher(input_ids=torch.tensor([[1000]]))  # an id past the embedding: the child's forward raises
+    assert teacher(input_ids=torch.tensor([[5, 6]])).logits.shape == (1, 2, 89)  # and keeps serving
+    teacher.close()
+    assert not teacher.is_alive() and not psutil.pid_exists(pid)  # joined: no zombie either
+    with pytest.raises(TeacherProcessError, match="closed"):
+        teacher(input_ids=torch.tensor([[5, 6]]))
+    teacher.close()  # idempotent
+
+    killed = TeacherProcess(tiny_teacher_dir, num_threads=1)
+    os.kill(killed.pid, signal.SIGKILL)  # dies without a word (as when out of memory)
+    started = time.monotonic()
+    with pytest.raises(TeacherProcessError, match="exited with code -9 while scoring a batch"):
+        killed(input_ids=torch.tensor([[5, 6]]))
+    assert time.monotonic() - started < 5 and not psutil.pid_exists(killed.pid)
+
+
+def test_on_policy_from_a_cache_with_the_side_process_teacher_trains_like_the_in_process_teacher(
+        tmp_path, proxy, teacher, cache_dir, date_dataset, char_tokenizer):
+    # seed 2, lmbda 0.5: steps 0 and 3 are on-policy, 1 and 2 come from the cache.
+    settings = dict(lmbda=0.5, max_steps=4, seed=2, optim="sgd", learning_rate=0.5, teacher_cache=str(cache_dir),
+                    generation_max_new_tokens=12)
+
+    def run(name, teacher_model):
+        trainer = DistillationTrainer(model=tiny_llama(89, seed=2), teacher_model=teacher_model,
+                                      args=tiny_distillation_config(tmp_path / name, **settings),
+                                      train_dataset=date_dataset, processing_class=char_tokenizer)
+        trainer.train()
+        return trainer
+
+    live = run("live", teacher)
+    served_before = proxy.requests
+    side = run("side", proxy)
+    assert side.teacher is proxy and side.teacher_cache is not None and side.fused_loss  # cached batches: fused
+    on_policy = side.completion_generator.run_totals()["on_policy_batches"]
+    assert on_policy == 2 and proxy.requests - served_before == on_policy  # each sampled batch scored once, there
+    start = params(tiny_llama(89, seed=2))
+    assert max_difference(params(live.model), start) > 1e-2
+    assert max_difference(params(side.model), params(live.model)) < 1e-5
+    kd = lambda t: [e["kd_loss"] for e in t.state.log_history if "kd_loss" in e]  # noqa: E731
+    assert kd(side) == pytest.approx(kd(live), rel=1e-5)
+
+
+def test_the_side_process_teacher_is_refused_where_it_cannot_serve(tmp_path, proxy, cache_dir, date_dataset,
+                                                                     char_tokenizer, monkeypatch):
+    other = tmp_path / "other_cache"
+    build_cache(other, tiny_llama(89, hidden=48, seed=3), date_dataset, char_tokenizer, k=16, temperature=2.0)
+
+    def trainer(**overrides):
+        return DistillationTrainer(model=tiny_llama(89, seed=2), teacher_model=proxy,
+                                   args=tiny_distillation_config(tmp_path / "run", **overrides),
+                                   train_dataset=date_dataset, processing_class=char_tokenizer)
+
+    with pytest.raises(TeacherCacheError, match="made by another teacher"):
+        trainer(lmbda=0.5, teacher_cache=str(other))
+    with pytest.raises(ValueError, match="seq_kd has the teacher write completions"):
+        trainer(seq_kd=True)
+    with pytest.raises(ValueError, match="hidden_weight / attention_weight read the teacher's hidden states"):
+        trainer(hidden_weight=1.0)
+    with pytest.raises(ValueError, match="use teacher_cache .* not precompute_teacher_logits"):
+        trainer(precompute_teacher_logits=True)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ValueError, match="each rank would need its own side process"):
+        trainer(lmbda=0.5)
+    monkeypatch.undo()
+    # Without a teacher, the on-policy error points at the side-process teacher.
+    with pytest.raises(ValueError, match=r"only a live teacher can score or write.*teacher_model=TeacherProcess"):
+        DistillationTrainer(model=tiny_llama(89, seed=2),
+                            args=tiny_distillation_config(tmp_path, lmbda=0.5, teacher_cache=str(cache_dir)),
+                            train_dataset=date_dataset, processing_class=char_tokenizer)
+
+
+def test_distill_script_scores_on_policy_samples_in_a_side_process(tmp_path, char_tokenizer, monkeypatch):
+    """configs/date_on_policy_cached.yaml's two commands on a tiny teacher: the KD trainer gets a TeacherProcess,
+    the training process holds no teacher, and the side process is gone when the script returns."""
+    import kd_llm.distillation_modes
+
+    seen = {}
+
+    class SideProcessCheck(DistillationTrainer):
+        def __init__(self, *args, teacher_model=None, **kwargs):
+            seen["teacher_model"] = teacher_model
+            super().__init__(*args, teacher_model=teacher_model, **kwargs)
+
+        def training_step(self, *args, **kwargs):
+            with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
+                warnings.simplefilter("ignore")
+                seen["teachers alive"] = sum(isinstance(o, torch.nn.Module) and hasattr(o, "config")
+                                             and getattr(o.config, "hidden_size", None) == 40
+                                             for o in gc.get_objects())
+            return super().training_step(*args, **kwargs)
+
+    monkeypatch.setattr(kd_llm.distillation_modes, "DistillationTrainer", SideProcessCheck)
+    sys.path.insert(0, str(SCRIPTS))
+    import cache_teacher
+    import distill_llm
+
+    teacher_dir = tmp_path / "teacher"  # 40 wide: the only model of that width
+    tiny_llama(len(char_tokenizer), hidden=40, seed=1).save_pretrained(teacher_dir)
+    char_tokenizer.save_pretrained(teacher_dir)
+    common = ["--config", str(CONFIGS / "date_on_policy_cached.yaml"), "--teacher", str(teacher_dir),
+              "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--train_size", "12",
+              "--disable_tqdm", "true", "--use_cpu", "true"]
+    cache_teacher.main([*common, "--cache_k", "8"])
+    # seed 2: step 0 is on-policy, step 1 comes from the cache.
+    results = distill_llm.main([*common, "--max_steps", "2", "--per_device_train_batch_size", "4", "--seed", "2",
+                                "--generation_max_new_tokens", "12", "--compare_hard_labels", "false",
+                                "--evaluate_skills", "false", "--write_report", "false", "--force", "true",
+                                "--logging_steps", "1"])
+    assert results["steps"] == 2
+    proxy = seen["teacher_model"]
+    assert isinstance(proxy, TeacherProcess) and seen["teachers alive"] == 0
+    assert proxy.requests == results["training_generation"]["on_policy_batches"] == 1
+    assert not proxy.is_alive() and not psutil.pid_exists(proxy.pid)  # stopped when training ended
+    logged = [entry["kd_loss"] for entry in results["kd_log_history"] if "kd_loss" in entry]
+    assert len(logged) == 2 and all(value > 0 for value in logged)
