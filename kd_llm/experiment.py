@@ -26,7 +26,7 @@ from kd_llm.distillation_modes import (DistillationModeArguments, build_trainer,
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.hub import HubTarget, without_hub_push
-from kd_llm.models.students import build_student, rank_layers_by_importance
+from kd_llm.models.students import build_student, decoder_layers, rank_layers_by_importance
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
@@ -130,6 +130,15 @@ class DistillationScriptArguments(DistillationModeArguments):
         super().__post_init__()
         if self.student_init not in ("scaled", "pruned", "checkpoint"):
             raise ValueError(f"student_init must be scaled, pruned or checkpoint, got {self.student_init!r}.")
+        scaled_sizes = [name for name in ("student_hidden_size", "student_num_attention_heads",
+                                          "student_num_key_value_heads", "student_intermediate_size")
+                        if getattr(self, name) is not None]
+        if scaled_sizes and self.student_init != "scaled":
+            raise ValueError(f"{', '.join(scaled_sizes)} size a scaled student, but student_init is "
+                             f"{self.student_init!r}: remove them, or set student_init scaled.")
+        if self.student_layers is not None and self.student_init != "pruned":
+            raise ValueError(f"student_layers lists the teacher layers a pruned student keeps, but student_init is "
+                             f"{self.student_init!r}: remove it, or set student_init pruned.")
         if self.transfer_size < 0:
             raise ValueError(f"transfer_size must be >= 0, got {self.transfer_size}.")
         for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size",
@@ -153,6 +162,10 @@ def make_student_factory(args: DistillationScriptArguments, teacher, tokenizer, 
     if args.student_init == "pruned" and layers is None and args.prune_strategy == "importance":
         if args.student_num_layers is None:
             raise ValueError("prune_strategy=importance needs student_num_layers: how many teacher layers to keep.")
+        teacher_layers = len(getattr(*decoder_layers(teacher)))
+        if not 0 < args.student_num_layers <= teacher_layers:
+            raise ValueError(f"student_num_layers={args.student_num_layers}, but a pruned student keeps between 1 and "
+                             f"the teacher's {teacher_layers} layers.")
         ranking = rank_layers_by_importance(teacher, calibration_texts, tokenizer=tokenizer)
         layers = sorted(index for index, _ in ranking[: args.student_num_layers])
 

@@ -20,7 +20,8 @@ import distill_llm  # noqa: E402
 QUICK = ["--max_steps", "3", "--train_size", "12", "--logging_steps", "1", "--disable_tqdm", "true",
          "--evaluate_skills", "false", "--compare_hard_labels", "false", "--per_device_train_batch_size", "4",
          "--write_report", "false", "--warmup_steps", "0", "--learning_rate", "0.01",
-         "--student_num_layers", "1", "--student_hidden_size", "32", "--student_num_attention_heads", "4",
+         "--transfer_size", "0",
+         "--student_num_layers", "1", "--student_init", "scaled", "--student_hidden_size", "32", "--student_num_attention_heads", "4",
          "--student_num_key_value_heads", "2", "--student_intermediate_size", "64"]
 WITHOUT_SIZES = QUICK[:QUICK.index("--student_num_layers")]
 BORN_AGAIN = ["--config", str(ROOT / "configs" / "date_born_again.yaml"), *WITHOUT_SIZES]

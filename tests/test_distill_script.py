@@ -18,7 +18,10 @@ import distill_llm  # noqa: E402
 
 # The tiny teacher is untrained, so the teacher check must be forced; the memory probe (subprocesses) is tested in
 # tests/test_report_run.py.
-FAST = ["--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_new_tokens", "24",
+# The demo's student keeps 3 of the teacher's layers and learns from 8,000 transfer prompts: 1 of the tiny teacher's 2,
+# and no transfer set, here.
+FAST = ["--student_num_layers", "1", "--transfer_size", "0",
+        "--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_new_tokens", "24",
         "--logging_steps", "2", "--disable_tqdm", "true", "--force", "true", "--measure_memory", "false"]
 
 
@@ -91,6 +94,20 @@ def test_gemma3_teacher_into_pruned_student(tmp_path):
 
 def test_transfer_set_is_written_by_the_teacher_and_used_by_the_kd_student_only(tiny_teacher_dir, tmp_path):
     results = distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "out"),
-                                "--transfer_size", "6", *FAST])
+                                *FAST, "--transfer_size", "6"])
     assert 0 < results["transfer_examples"] <= 6
     assert results["train_examples"] == 16 and results["steps"] == 4
+
+
+def test_student_settings_that_do_not_fit_fail_before_any_work(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="keeps between 1 and the teacher's 2 layers"):
+        distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(out), *FAST,
+                          "--student_num_layers", "3"])  # the demo's 3 layers, from a 2-layer teacher
+    with pytest.raises(ValueError, match="student_hidden_size size a scaled student, but student_init is 'pruned'"):
+        distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(out), *FAST,
+                          "--student_hidden_size", "32"])
+    with pytest.raises(ValueError, match="student_layers lists the teacher layers"):
+        distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(out), *FAST,
+                          "--student_init", "scaled", "--student_layers", "0"])
+    assert not out.exists()

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import distill_llm  # noqa: E402
 import report as report_script  # noqa: E402
 
-FAST = ["--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_new_tokens", "24",
+FAST = ["--student_num_layers", "1", "--transfer_size", "0",  # the demo's pruned student, sized for the tiny teacher
+        "--max_steps", "4", "--train_size", "16", "--eval_size", "10", "--max_new_tokens", "24",
         "--logging_steps", "2", "--disable_tqdm", "true", "--benchmark_batch_size", "4", "--benchmark_new_tokens", "8"]
 
 
