@@ -68,3 +68,27 @@ def tiny_distillation_config(tmp_path, **overrides):
                   alpha=0.5, temperature=2.0)
     values.update(overrides)
     return DistillationConfig(**values)
+
+
+def teacher_watching_trainer(seen: dict, teacher_width: int):
+    """A DistillationTrainer subclass that records in ``seen`` the ``teacher_model`` it is given and, at each training
+    step, how many live modules are ``teacher_width`` wide: the teacher, if the training process still holds it."""
+    import gc
+    import warnings
+
+    from kd_llm import DistillationTrainer
+
+    class TeacherWatchingTrainer(DistillationTrainer):
+        def __init__(self, *args, teacher_model=None, **kwargs):
+            seen["teacher_model"] = teacher_model
+            super().__init__(*args, teacher_model=teacher_model, **kwargs)
+
+        def training_step(self, *args, **kwargs):
+            with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
+                warnings.simplefilter("ignore")
+                seen["teachers alive"] = sum(isinstance(o, torch.nn.Module) and hasattr(o, "config")
+                                             and getattr(o.config, "hidden_size", None) == teacher_width
+                                             for o in gc.get_objects())
+            return super().training_step(*args, **kwargs)
+
+    return TeacherWatchingTrainer

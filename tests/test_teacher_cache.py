@@ -3,7 +3,6 @@ teacher, tokenizer, data, corrupt or incomplete shards), atomic and resumable wr
 
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from kd_llm.teacher_cache import (
 from kd_llm.teacher_cache.codec import decode_rows, encode_rows, index_dtype, top_k_rows
 from kd_llm.teacher_cache.metadata import read_metadata
 from kd_llm.teacher_cache.reader import check_cache_teacher
-from tests.conftest import tiny_distillation_config as train_config, tiny_llama
+from tests.conftest import teacher_watching_trainer, tiny_distillation_config as train_config, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -328,28 +327,13 @@ def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_to
     """configs/date_cached_teacher.yaml's two commands on a tiny teacher: cache_teacher.py writes the cache of the
     run (train set plus the teacher-written transfer set), distill_llm.py trains the KD student from it with the
     teacher out of memory, and refuses a cache that another teacher made."""
-    import gc
     import sys
     from pathlib import Path
 
     import kd_llm.distillation_modes
 
     seen = {}
-
-    class TeacherFreeCheck(DistillationTrainer):  # records what the KD trainer gets and what is alive in training
-        def training_step(self, *args, **kwargs):
-            with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
-                warnings.simplefilter("ignore")
-                seen["teachers alive"] = sum(isinstance(o, torch.nn.Module) and hasattr(o, "config")
-                                             and getattr(o.config, "hidden_size", None) == 40
-                                             for o in gc.get_objects())
-            return super().training_step(*args, **kwargs)
-
-        def __init__(self, *args, teacher_model=None, **kwargs):
-            seen["teacher_model"] = teacher_model
-            super().__init__(*args, teacher_model=teacher_model, **kwargs)
-
-    monkeypatch.setattr(kd_llm.distillation_modes, "DistillationTrainer", TeacherFreeCheck)
+    monkeypatch.setattr(kd_llm.distillation_modes, "DistillationTrainer", teacher_watching_trainer(seen, 40))
 
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     sys.path.insert(0, str(scripts))

@@ -3,12 +3,10 @@ training from a teacher cache with it, and distill_llm.py choosing it for teache
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import psutil
@@ -21,7 +19,7 @@ from kd_llm.data.collator import CausalLMCollator
 from kd_llm.models.loading import load_model
 from kd_llm.teacher_cache import TeacherCacheError, state_dict_sha256
 from kd_llm.training.teacher_process import TeacherProcess, TeacherProcessError
-from tests.conftest import tiny_distillation_config, tiny_llama
+from tests.conftest import teacher_watching_trainer, tiny_distillation_config, tiny_llama
 from tests.test_teacher_cache import build as build_cache
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -171,20 +169,7 @@ def test_distill_script_scores_on_policy_samples_in_a_side_process(tmp_path, cha
 
     seen = {}
 
-    class SideProcessCheck(DistillationTrainer):
-        def __init__(self, *args, teacher_model=None, **kwargs):
-            seen["teacher_model"] = teacher_model
-            super().__init__(*args, teacher_model=teacher_model, **kwargs)
-
-        def training_step(self, *args, **kwargs):
-            with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
-                warnings.simplefilter("ignore")
-                seen["teachers alive"] = sum(isinstance(o, torch.nn.Module) and hasattr(o, "config")
-                                             and getattr(o.config, "hidden_size", None) == 40
-                                             for o in gc.get_objects())
-            return super().training_step(*args, **kwargs)
-
-    monkeypatch.setattr(kd_llm.distillation_modes, "DistillationTrainer", SideProcessCheck)
+    monkeypatch.setattr(kd_llm.distillation_modes, "DistillationTrainer", teacher_watching_trainer(seen, 40))
     sys.path.insert(0, str(SCRIPTS))
     import cache_teacher
     import distill_llm
