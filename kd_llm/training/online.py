@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.optimization import get_scheduler
-from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.training.config import DistillationConfig
@@ -35,7 +34,6 @@ __all__ = ["MUTUAL_TEACHER_FOLDER", "MutualDistillationTrainer"]
 
 MUTUAL_TEACHER_FOLDER = "mutual_teacher"
 _OPTIMIZER_FILE, _SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"
-_TEACHER_TERMS = ("teacher_ce_loss", "teacher_kd_loss", "teacher_total_loss")
 
 
 class _StepTeacher(TrainerCallback):
@@ -146,17 +144,10 @@ class MutualDistillationTrainer(DistillationTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        metrics = self._metrics[mode]
-        if metrics.get("teacher_total_loss"):
-            prefix = "eval_" if mode == "eval" else ""
-            # Averaged as DistillationTrainer.log averages the student's terms.
-            steps = len(set(metrics["step"])) if mode == "train" else len(metrics["teacher_total_loss"])
-            for name in _TEACHER_TERMS:
-                value = torch.stack(metrics.pop(name)).sum() / steps
-                logs[prefix + name] = round(nested_gather(value, self.args.parallel_mode).mean().item(), 6)
-            if mode == "train" and self.teacher_lr_scheduler is not None:
-                logs["teacher_learning_rate"] = self.teacher_lr_scheduler.get_last_lr()[0]
+        # The teacher's *_loss terms are averaged by DistillationTrainer.log along with the student's.
+        training = not any(key.startswith("eval_") for key in logs)
+        if training and self._metrics["train"].get("teacher_total_loss") and self.teacher_lr_scheduler is not None:
+            logs["teacher_learning_rate"] = self.teacher_lr_scheduler.get_last_lr()[0]
         super().log(logs, start_time)
 
     # ---- the teacher's optimizer ------------------------------------------------------------------------------
