@@ -239,8 +239,8 @@ def mode_summary(args: DistillationModeArguments) -> dict:
                "merge_peft_on_save": args.merge_peft_on_save, "teacher_adapter": args.teacher_adapter}
     if args.extra_teachers:
         summary.update(extra_teachers=args.extra_teachers, ensemble_mixture=args.ensemble_mixture,
-                       teacher_weights=args.teacher_weights or [1 / (1 + len(args.extra_teachers))]
-                       * (1 + len(args.extra_teachers)))
+                       teacher_weights=validate_ensemble_weights(args.teacher_weights,
+                                                                 1 + len(args.extra_teachers)))
     if args.distillation_mode == "ema":
         summary["ema_decay"] = args.ema_decay
     if args.distillation_mode == "online":
