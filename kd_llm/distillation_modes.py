@@ -172,10 +172,11 @@ def load_teachers(args: DistillationModeArguments) -> TeacherSetup:
 def student_factory(args: DistillationModeArguments, teacher, base_factory):
     """Wrap the experiment's student factory: born-again students copy the teacher's architecture, and with
     ``peft_config`` every student gets the same (seeded) LoRA adapters."""
-    build = base_factory
     if args.distillation_mode == "born_again" and getattr(args, "student_init", "scaled") == "scaled":
         def build():
             return born_again_student(teacher, seed=0)
+    else:
+        build = base_factory
     if args.peft_config is None:
         return build
     return lambda: apply_lora(build(), args.peft_config, seed=0)
