@@ -14,6 +14,7 @@ build into a folder that holds another teacher's, tokenizer's or dataset's cache
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -172,10 +173,12 @@ class TeacherCacheWriter:
             first, stop = index * size, min((index + 1) * size, self.metadata.num_examples)
             examples, encoded = self._shard_rows(teacher_fn, first, stop, batch_size=batch_size, device=device)
             path = self.output_dir / shard_file_name(index)
-            write_atomically(path, shard_bytes(examples, encoded, shard_index=index))
-            self.metadata.shards.append(ShardRecord(file=path.name, sha256=file_sha256(path), first_example=first,
-                                                    num_examples=stop - first, positions=len(examples),
-                                                    bytes=path.stat().st_size))
+            data = shard_bytes(examples, encoded, shard_index=index)
+            write_atomically(path, data)
+            # Hashed and sized from the bytes just written: no second read of the shard.
+            self.metadata.shards.append(ShardRecord(file=path.name, sha256=hashlib.sha256(data).hexdigest(),
+                                                    first_example=first, num_examples=stop - first,
+                                                    positions=len(examples), bytes=len(data)))
             self.metadata.shards.sort(key=lambda record: record.first_example)
             write_metadata(self.output_dir, self.metadata)  # after the shard: it only ever lists whole shards
         self.metadata.complete = True
