@@ -63,7 +63,7 @@ def open_trainer_cache(trainer, *, teacher_model, teacher_tokenizer, student_tok
         raise ValueError("Pass processing_class=<the student's tokenizer>: the teacher cache is checked against it.")
     if trainer.train_dataset is None:
         raise ValueError("teacher_cache is set but there is no train_dataset: the cache serves training batches.")
-    if teacher_model is None and args.alpha < 1 and trainer.eval_dataset is not None:
+    if teacher_model is None and trainer.eval_dataset is not None:
         raise ValueError("Evaluating the distillation term needs the teacher on the evaluation data, which the cache "
                          "(training data only) does not hold: pass teacher_model=<the teacher> as well, or no "
                          "eval_dataset.")
@@ -73,7 +73,7 @@ def open_trainer_cache(trainer, *, teacher_model, teacher_tokenizer, student_tok
         args.teacher_cache, tokenizer=teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer,
         dataset=trainer.train_dataset, teacher=None if reported_hash else teacher_model, teacher_hash=reported_hash,
     )
-    if student_tokenizer is not None and tokenizer_vocab_size(student_tokenizer) != cache.vocab_size:
+    if tokenizer_vocab_size(student_tokenizer) != cache.vocab_size:
         raise TeacherCacheError(f"The teacher cache covers {cache.vocab_size} tokens but the student's tokenizer "
                                 f"{tokenizer_vocab_size(student_tokenizer)}.")
     student = trainer.accelerator.unwrap_model(trainer.model)
