@@ -24,6 +24,13 @@ from kd_llm.report.writer import write_report
 
 logger = logging.getLogger(__name__)
 SKILL_KEYS = ("exact_match", "mean_category_exact_match", "per_category", "count", "generation", "examples")
+# results.json entries that are not part of the run's recipe (rows, curves, outcomes written after training).
+NOT_RUN_KEYS = ("models", "kd_log_history", "baseline_log_history", "recovered_fraction", "hub", "report")
+
+
+def run_summary(results: dict) -> dict:
+    """The run summary of a ``results.json`` (teacher, student initialisation, settings...), for the recipe."""
+    return {k: v for k, v in results.items() if k not in NOT_RUN_KEYS}
 
 
 def skill_of(row: dict | None) -> dict | None:
@@ -139,8 +146,7 @@ def write_run_report(results: dict, *, args, teacher, student, baseline, tokeniz
                                 use_chat_template=args.use_chat_template)
     benchmark = measure_entries(entries, prompts=prompts, tokenizer=tokenizer, settings=settings, device=device,
                                 trust_remote_code=args.trust_remote_code)
-    run = {k: v for k, v in results.items() if k not in ("models", "kd_log_history", "baseline_log_history",
-                                                         "recovered_fraction", "hub", "report")}
+    run = run_summary(results)
     if baseline is not None:
         run["baseline"] = ("the same student, from the same initial weights, trained on the same labelled data for the "
                            "same steps and seed on hard labels alone (α = 1).")
@@ -186,8 +192,7 @@ def report_on_checkpoints(*, teacher: str, students: list[str], baseline: str | 
                                 trust_remote_code=trust_remote_code)
     results_file = Path(students[0]) / artifacts.RESULTS_JSON
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    run = {k: v for k, v in results.items() if k not in ("models", "kd_log_history", "baseline_log_history",
-                                                         "recovered_fraction", "hub", "report")} or None
+    run = run_summary(results) or None
     eval_info = {"task": task, "count": len(eval_records)}
     return _finish(entries, output_dir=output_dir, benchmark=benchmark, eval_info=eval_info, device=device,
                    teacher_check=results.get("teacher_check"), run=run, log_history=results.get("kd_log_history"),
