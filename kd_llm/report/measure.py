@@ -107,7 +107,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batch(prompts: list[list[int]], size: int) -> list[list[int]]:
+def cycled_batch(prompts: list[list[int]], size: int) -> list[list[int]]:
     """``size`` prompts, cycling through ``prompts`` when there are fewer."""
     return [prompts[i % len(prompts)] for i in range(size)]
 
@@ -138,7 +138,7 @@ def time_generation(model, prompts: list[list[int]], *, batch_size: int, new_tok
     model.eval()
     device = next(model.parameters()).device
     batches = ([[prompts[i % len(prompts)]] for i in range(repeats)] if batch_size == 1
-               else [_batch(prompts, batch_size)] * repeats)
+               else [cycled_batch(prompts, batch_size)] * repeats)
     generate = lambda batch: generate_fixed_length(model, batch, new_tokens=new_tokens,  # noqa: E731
                                                    pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     generate(batches[0])  # warm-up: first-call allocations and kernel selection are not part of the latency
@@ -239,7 +239,7 @@ def measure_model(model, *, source: str | os.PathLike | None, prompts: list[list
         },
     }
     if settings.measure_memory:
-        batch = _batch(prompts, settings.batch_size)
+        batch = cycled_batch(prompts, settings.batch_size)
         options = dict(new_tokens=new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
         if device.type == "cuda":
             result["memory"] = peak_memory_cuda(model, batch, **options)

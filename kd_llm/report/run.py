@@ -17,8 +17,8 @@ from kd_llm.data.formatting import format_prompt
 from kd_llm.models.peft_student import is_peft_model
 from kd_llm.report import artifacts
 from kd_llm.report.build import build_report
-from kd_llm.report.measure import (BenchmarkSettings, cpu_probe_request, measure_model, parameter_count,
-                                   peak_memory_cpu, probe_folder, weight_bytes)
+from kd_llm.report.measure import (BenchmarkSettings, cpu_probe_request, cycled_batch, measure_model,
+                                   parameter_count, peak_memory_cpu, probe_folder, weight_bytes)
 from kd_llm.report.model_card import write_model_card
 from kd_llm.report.writer import write_report
 
@@ -88,7 +88,7 @@ def measure_entries(entries: list[dict], *, prompts: list[list[int]], tokenizer,
         if settings.measure_memory and "memory" not in entry:
             probes.append((entry, model))
     if probes:
-        batch = [prompts[i % len(prompts)] for i in range(settings.batch_size)]
+        batch = cycled_batch(prompts, settings.batch_size)
         with contextlib.ExitStack() as stack:
             requests = [cpu_probe_request(stack.enter_context(probe_folder(model, entry.get("source"))), batch,
                                           dtype=next(model.parameters()).dtype, trust_remote_code=trust_remote_code,
