@@ -25,7 +25,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.optimization import get_scheduler
 
-from kd_llm.losses import distillation_objective, l2_penalty
+from kd_llm.losses import distillation_objective
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN
 from kd_llm.training.trainer import DistillationTrainer
@@ -126,15 +126,8 @@ class MutualDistillationTrainer(DistillationTrainer):
         # Each learns from the other's current prediction, detached: its own objective only.
         student_terms = distillation_objective(student_logits, teacher_logits.detach(), shifted_labels, **common)
         teacher_terms = distillation_objective(teacher_logits, student_logits.detach(), shifted_labels, **common)
-        student_loss = student_terms.total
-        if args.l2_weight > 0 and model.training:
-            tokens = (shifted_labels != -100).sum()
-            share = tokens / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp_min(1))
-            student_loss = student_loss + args.l2_weight * share * l2_penalty(
-                p for p in model.parameters() if p.requires_grad)
-        scale = self.accelerator.num_processes if (
-            args.average_tokens_across_devices and num_items_in_batch is not None
-            and self.accelerator.num_processes > 1) else 1
+        student_loss = student_terms.total + self._l2_share(model, shifted_labels, num_items_in_batch)
+        scale = self._process_scale(num_items_in_batch)
         self._record(student_terms, student_loss * scale, temperature, scale)
         metrics = self._metrics["train" if model.training else "eval"]
         metrics["teacher_ce_loss"].append(teacher_terms.ce.detach() * scale)

@@ -211,21 +211,29 @@ class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
         if completion_source == STUDENT:
             loss = (1 - args.alpha) * loss  # the distillation term keeps its weight (1 - alpha); only CE is dropped
         loss = loss + self._weighted_feature_loss(feature_terms)
-        if args.l2_weight > 0 and model.training:
-            # Spread the penalty over the micro-batches in proportion to their tokens: it adds up to one
-            # l2_weight * ||w||^2 per optimizer step, whatever the accumulation.
-            tokens = (shifted_labels != -100).sum()
-            share = tokens / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp_min(1))
-            loss = loss + args.l2_weight * share * l2_penalty(p for p in model.parameters() if p.requires_grad)
-        # Each process holds a share of the global token mean and DDP averages gradients, so scale back up, as
-        # Trainer does for models that take num_items_in_batch.
-        scale = self.accelerator.num_processes if (
-            args.average_tokens_across_devices and num_items_in_batch is not None
-            and self.accelerator.num_processes > 1) else 1
+        loss = loss + self._l2_share(model, shifted_labels, num_items_in_batch)
+        scale = self._process_scale(num_items_in_batch)
         loss = loss * scale
         self._record(terms, loss, temperature, scale)
         self._record_feature_terms(feature_terms, scale)
         return (loss, outputs) if return_outputs else loss
+
+    def _l2_share(self, model, shifted_labels: torch.Tensor, num_items_in_batch):
+        """This micro-batch's share of ``l2_weight * ||w||^2`` (0 when off or evaluating): spread over the
+        micro-batches in proportion to their tokens, it adds up to one penalty per optimizer step, whatever the
+        accumulation."""
+        if not (self.args.l2_weight > 0 and model.training):
+            return 0.0
+        tokens = (shifted_labels != -100).sum()
+        share = tokens / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp_min(1))
+        return self.args.l2_weight * share * l2_penalty(p for p in model.parameters() if p.requires_grad)
+
+    def _process_scale(self, num_items_in_batch) -> int:
+        """Each process holds a share of the global token mean and DDP averages gradients, so the loss is scaled
+        back up by the process count, as Trainer does for models that take num_items_in_batch."""
+        args, processes = self.args, self.accelerator.num_processes
+        return processes if (args.average_tokens_across_devices and num_items_in_batch is not None
+                             and processes > 1) else 1
 
     def _record(self, terms, loss, temperature: float, scale: int) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
