@@ -18,10 +18,13 @@ from pathlib import Path
 
 import yaml
 
+import datasets
+
 from kd_llm.data.sources import build_dataset, load_records
-from kd_llm.experiment import DistillationScriptArguments, _evaluate, _train, make_student_factory
+from kd_llm.distillation_modes import load_teachers, student_factory
+from kd_llm.experiment import (DistillationScriptArguments, _evaluate, _train, make_student_factory,
+                               teacher_transfer_set)
 from kd_llm.losses import DIVERGENCES
-from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.training import DistillationConfig
 
 SWEEP_FILES = {"json": "sweep.json", "table": "sweep.md", "plot": "sweep.png", "best": "best_config.yaml"}
@@ -93,12 +96,17 @@ def run_sweep(sweep: SweepArguments, args: DistillationScriptArguments, config: 
     """Run every trial and write ``SWEEP_FILES`` into ``sweep.sweep_dir``. Returns the JSON written."""
     if not args.evaluate_skills:
         raise ValueError("A sweep scores trials by exact match on the eval split: leave evaluate_skills on.")
+    if args.distillation_mode != "offline" or args.extra_teachers:
+        raise ValueError("scripts/sweep.py tunes T, alpha and the loss of offline distillation from one teacher; "
+                         f"distillation_mode={args.distillation_mode!r} and extra_teachers are not swept: remove "
+                         "them, or run scripts/distill_llm.py.")
     out = Path(sweep.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = trial_settings(sweep)
-    # One teacher, one tokenizer and one dataset for every trial.
-    teacher = load_model(args.teacher, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    # One teacher (merged with teacher_adapter, as distill_llm.py loads it), one tokenizer and one dataset for every
+    # trial.
+    teachers = load_teachers(args)
+    teacher, tokenizer = teachers.teacher, teachers.tokenizer
     task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
     train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed,
                                  **task_options)
@@ -108,7 +116,11 @@ def run_sweep(sweep: SweepArguments, args: DistillationScriptArguments, config: 
                                 **task_options)
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
-    new_student = make_student_factory(args, teacher, tokenizer, calibration)
+    new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
+    kd_dataset = train_dataset  # the KD trials also learn from the transfer set, as in distill_llm.py
+    if args.transfer_size:
+        transfer = teacher_transfer_set(teacher, tokenizer, args, task_options)
+        kd_dataset = datasets.concatenate_datasets([train_dataset, transfer.cast(train_dataset.features)])
     teacher_row = _evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})
 
     trials = []
@@ -120,8 +132,9 @@ def run_sweep(sweep: SweepArguments, args: DistillationScriptArguments, config: 
             precompute_teacher_logits=config.precompute_teacher_logits and values["alpha"] < 1,
         )
         started = time.perf_counter()
-        trainer, _ = _train(new_student(), teacher if values["alpha"] < 1 else None, tokenizer, trial_config,
-                            train_dataset)
+        distils = values["alpha"] < 1
+        trainer, _ = _train(new_student(), teacher if distils else None, tokenizer, trial_config,
+                            kd_dataset if distils else train_dataset)
         row = _evaluate(f"trial {index}", trainer.model, tokenizer, args, eval_records, {})
         trials.append({"index": index, **values, "exact_match": row["exact_match"],
                        "mean_category_exact_match": row["mean_category_exact_match"],
@@ -131,6 +144,7 @@ def run_sweep(sweep: SweepArguments, args: DistillationScriptArguments, config: 
     best = best_trial(trials)
     result = {"teacher": args.teacher, "teacher_exact_match": teacher_row["mean_category_exact_match"],
               "trial_max_steps": sweep.trial_max_steps, "eval_size": len(eval_records), "search": sweep.search,
+              "transfer_examples": len(kd_dataset) - len(train_dataset),
               "trials": trials, "best": best, "files": {k: str(out / v) for k, v in SWEEP_FILES.items()}}
     (out / SWEEP_FILES["json"]).write_text(json.dumps(result, indent=2))
     (out / SWEEP_FILES["table"]).write_text(format_sweep_table(result))

@@ -69,6 +69,7 @@ def test_tiny_sweep_writes_table_plot_and_a_launchable_best_config(tiny_teacher_
         "--learning_rate", "0.01", "--disable_tqdm", "true", "--report_to", "none",
     ])
     assert len(result["trials"]) == 3  # T in {1, 2} at alpha 0.5, and one hard-label trial
+    assert result["transfer_examples"] == 0
     for name in SWEEP_FILES.values():
         assert (out / name).stat().st_size > 0
     saved = json.loads((out / SWEEP_FILES["json"]).read_text())
@@ -86,3 +87,14 @@ def test_tiny_sweep_writes_table_plot_and_a_launchable_best_config(tiny_teacher_
     assert (config.temperature, config.alpha, config.distillation_loss) == (
         best["temperature"], best["alpha"], best["distillation_loss"])
     assert yaml.safe_load(best_path.read_text())["temperature_schedule"] == "constant"
+
+
+def test_sweep_uses_the_transfer_set_and_refuses_modes_it_does_not_sweep(tiny_teacher_dir, tmp_path):
+    common = ["--teacher", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "best_run"),
+              "--sweep_dir", str(tmp_path / "sweep"), "--temperatures", "1", "--alphas", "0.5", "--losses",
+              "forward_kl", "--trial_max_steps", "1", "--train_size", "8", "--eval_size", "4", "--max_new_tokens",
+              "8", "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--report_to", "none"]
+    result = sweep_script.main([*common, "--transfer_size", "3"])
+    assert 0 < result["transfer_examples"] <= 3  # teacher-written completions, as distill_llm.py trains on
+    with pytest.raises(ValueError, match="not swept"):
+        sweep_script.main([*common, "--distillation_mode", "ema"])
