@@ -8,20 +8,15 @@
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import CHAR_VOCAB, tiny_llama
-from tests.distributed_kd_run import run
+from tests.helpers.launch import SUPPORT, accelerate_launch
+from tests.support.distributed_kd_run import run
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +26,6 @@ def saved_models(tmp_path_factory):
     tiny_llama(CHAR_VOCAB, hidden=48, seed=1).save_pretrained(models / "teacher")
     tiny_llama(CHAR_VOCAB, seed=2).save_pretrained(models / "student")
     return models
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def accelerate_launch(*arguments: str, python: str = sys.executable, timeout: int = 300) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    command = [python, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-               *arguments]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -59,7 +38,7 @@ def data_parallel_launch(saved_models, tmp_path_factory):
     """One `accelerate launch` of 2 CPU processes with configs/accelerate/multi_gpu.yaml: 3 KD steps at batch 4 per
     process, then the FSDP teacher check (sharing the launch: process start-up is most of the time)."""
     out = tmp_path_factory.mktemp("ddp")
-    accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(TESTS / "distributed_kd_run.py"),
+    accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(SUPPORT / "distributed_kd_run.py"),
                       "--models", str(saved_models), "--output", str(out / "run"),
                       "--per_device_train_batch_size", "4", "--fsdp_teacher_check", str(out / "fsdp"))
     return out
@@ -108,7 +87,7 @@ def test_fsdp_teacher_is_sharded_and_gives_the_whole_teachers_logits(data_parall
 @pytest.mark.slow
 def test_deepspeed_zero3_teacher_is_sharded_and_gives_the_whole_teachers_logits(saved_models, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
-    accelerate_launch("--multi_gpu", str(TESTS / "deepspeed_teacher_run.py"), "--models", str(saved_models),
+    accelerate_launch("--multi_gpu", str(SUPPORT / "deepspeed_teacher_run.py"), "--models", str(saved_models),
                       "--output", str(tmp_path))
     ranks = read_ranks(tmp_path)
     assert all(r["world_size"] == 2 and r["zero_stage"] == 3 for r in ranks)

@@ -11,7 +11,8 @@ from kd_llm.models.vocab import VocabularyMismatchError
 from kd_llm.training.ensemble import EnsembleDistillationTrainer
 from kd_llm.training.teachers import TeacherEnsemble, ensemble_target_logits, mix_log_probs
 from tests.conftest import tiny_llama
-from tests.test_trainer import make_config, max_difference, params
+from tests.conftest import tiny_distillation_config as make_config
+from tests.helpers.training import max_difference, params
 
 V = 11
 

@@ -7,7 +7,7 @@ import torch
 from kd_llm.losses.fused_sparse import fused_sparse_distillation_objective
 from kd_llm.losses.sparse import SPARSE_DIVERGENCES, SparseTargets, sparse_distillation_objective, sparse_kd_loss
 from kd_llm.teacher_cache.codec import top_k_rows
-from tests.test_fused_loss import IGNORE, TOL, assert_same_components, dense_logits, grads_of, make_inputs
+from tests.helpers.fused import IGNORE, TOL, assert_same_components, dense_logits, grads_of, make_inputs
 
 
 def targets_for(teacher_logits, labels, *, k, temperature, vocab=None):

@@ -8,7 +8,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
 from kd_llm import DistillationConfig, DistillationTrainer
 from tests.conftest import CHAR_VOCAB, tiny_llama, tiny_llama_config
-from tests.test_trainer import max_difference, params
+from tests.helpers.cache import build
+from tests.helpers.training import max_difference, params
 
 # Plain SGD: parameters then differ by lr x (gradient difference). Adam divides each gradient by its own running
 # scale, which turns float rounding on a near-zero gradient into a step of ~lr in either direction.
@@ -162,8 +163,6 @@ def test_a_forward_without_the_fused_arguments_is_reported(tmp_path, char_tokeni
 
 
 def test_teacher_cache_trains_alike_on_the_fused_and_the_dense_path(tmp_path, char_tokenizer, date_dataset):
-    from tests.test_teacher_cache import build
-
     teacher = tiny_llama(CHAR_VOCAB, hidden=48, seed=1).eval()
     build(tmp_path / "cache", teacher, date_dataset, char_tokenizer, k=16, temperature=2.0)
     trainers = []

@@ -1,4 +1,4 @@
-"""Pushing a distilled student to the Hub, against a local Hub server (tests/hub_server.py) on 127.0.0.1.
+"""Pushing a distilled student to the Hub, against a local Hub server (tests/support/hub_server.py) on 127.0.0.1.
 
 The student goes up through huggingface_hub 2.4 (LFS for weights, NDJSON commit), comes back through
 ``snapshot_download`` into a fresh cache, and must reload to the same logits with the same file checksums. Only the
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kd_llm.hub import HubPushError, is_pushable, push_output_folder, select_files_to_push
 from kd_llm.training import DistillationConfig, DistillationTrainer
 from tests.conftest import tiny_llama
-from tests.hub_server import FakeHub
+from tests.support.hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_kdLLMtestTOKEN0123456789abcdefXYZ"

@@ -6,7 +6,7 @@ import torch
 
 from kd_llm import DistillationTrainer
 from tests.conftest import tiny_llama
-from tests.test_trainer import make_config
+from tests.conftest import tiny_distillation_config as make_config
 
 
 class TermRecordingTrainer(DistillationTrainer):

@@ -31,7 +31,8 @@ from kd_llm.training.on_policy import (
     prompts_from_labels,
 )
 from tests.conftest import tiny_llama
-from tests.test_trainer import make_config, max_difference, params
+from tests.conftest import tiny_distillation_config as make_config
+from tests.helpers.training import max_difference, params
 
 
 def pad_is_eos_tokenizer():
@@ -396,7 +397,7 @@ def test_generation_without_a_live_teacher_is_refused(tmp_path, char_tokenizer, 
 
 @pytest.mark.slow  # ~30 s on 2 busy cores: the script's whole pipeline (baseline, KD run, run report)
 def test_example_config_runs_the_script_with_a_hard_label_baseline(tmp_path, tiny_teacher_dir):
-    from tests.test_distill_script import FAST, distill_llm
+    from tests.helpers.scripts import FAST, distill_llm
 
     teacher_dir = tiny_teacher_dir
     config = Path(__file__).resolve().parent.parent / "configs" / "date_on_policy.yaml"

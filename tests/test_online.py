@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from kd_llm import DistillationTrainer
 from kd_llm.training.online import MUTUAL_TEACHER_FOLDER, MutualDistillationTrainer
 from tests.conftest import tiny_llama
-from tests.test_trainer import make_config, max_difference, params
+from tests.conftest import tiny_distillation_config as make_config
+from tests.helpers.training import max_difference, params
 
 
 def pair(tokenizer):
@@ -131,13 +132,13 @@ def test_two_processes_train_both_models_like_one_process(tmp_path):
     """DDP on 2 CPU processes x batch 4 gives the student *and the teacher* of 1 process x batch 8: the teacher's
     gradients are averaged across processes too."""
     from tests.conftest import CHAR_VOCAB
-    from tests.online_ddp_run import run
-    from tests.test_distributed import TESTS, accelerate_launch
+    from tests.helpers.launch import SUPPORT, accelerate_launch
+    from tests.support.online_ddp_run import run
 
     models = tmp_path / "models"
     tiny_llama(CHAR_VOCAB, hidden=48, seed=1).save_pretrained(models / "teacher")
     tiny_llama(CHAR_VOCAB, seed=2).save_pretrained(models / "student")
-    accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(TESTS / "online_ddp_run.py"),
+    accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(SUPPORT / "online_ddp_run.py"),
                       "--models", str(models), "--output", str(tmp_path / "ddp"), "--per_device_train_batch_size",
                       "4")
     run(models, tmp_path / "single", per_device_train_batch_size=8)

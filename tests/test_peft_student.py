@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from kd_llm import DistillationTrainer
 from kd_llm.models.peft_student import apply_lora, is_peft_model, parse_lora_settings, save_student
 from tests.conftest import tiny_llama
-from tests.test_trainer import make_config, max_difference, params
+from tests.conftest import tiny_distillation_config as make_config
+from tests.helpers.training import max_difference, params
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 

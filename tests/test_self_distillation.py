@@ -14,7 +14,8 @@ from kd_llm.training.self_distillation import (
     check_same_architecture,
 )
 from tests.conftest import tiny_llama
-from tests.test_trainer import make_config, max_difference, params
+from tests.conftest import tiny_distillation_config as make_config
+from tests.helpers.training import max_difference, params
 
 
 class RecordStudent(TrainerCallback):

@@ -25,21 +25,12 @@ from kd_llm.teacher_cache.codec import decode_rows, encode_rows, index_dtype, to
 from kd_llm.teacher_cache.metadata import read_metadata
 from kd_llm.teacher_cache.reader import check_cache_teacher
 from tests.conftest import teacher_watching_trainer, tiny_distillation_config as train_config, tiny_llama
+from tests.helpers.cache import build
 
 
 @pytest.fixture(scope="module")
 def teacher(char_tokenizer):
     return tiny_llama(len(char_tokenizer), hidden=48, seed=1).eval()
-
-
-def build(path, teacher, dataset, tokenizer, *, teacher_fn=None, k=16, temperature=2.0, codec="float16",
-          shard_size=20, batch_size=8):
-    return write_teacher_cache(
-        teacher_fn or module_teacher_fn(teacher), dataset, path, collator=CausalLMCollator(tokenizer.pad_token_id),
-        teacher="tiny", teacher_hash=state_dict_sha256(teacher), tokenizer_hash=tokenizer_sha256(tokenizer),
-        vocab_size=len(tokenizer), k=k, temperature=temperature, value_codec=codec, shard_size=shard_size,
-        batch_size=batch_size, progress=False,
-    )
 
 
 @pytest.fixture(scope="module")

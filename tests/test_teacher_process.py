@@ -20,7 +20,7 @@ from kd_llm.models.loading import load_model
 from kd_llm.teacher_cache import TeacherCacheError, state_dict_sha256
 from kd_llm.training.teacher_process import TeacherProcess, TeacherProcessError
 from tests.conftest import teacher_watching_trainer, tiny_distillation_config, tiny_llama
-from tests.test_teacher_cache import build as build_cache
+from tests.helpers.cache import build as build_cache
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"

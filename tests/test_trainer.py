@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from kd_llm import DistillationTrainer
 from kd_llm.models.vocab import VocabularyMismatchError
 from tests.conftest import tiny_distillation_config as make_config, tiny_llama
+from tests.helpers.training import max_difference, params
 
 
 
@@ -20,14 +21,6 @@ def train(tmp_path, tokenizer, dataset, *, teacher=None, student=None, **overrid
                                   train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     return trainer
-
-
-def params(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def max_difference(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_trains_student_logs_components_and_leaves_teacher_untouched(tmp_path, char_tokenizer, date_dataset):

@@ -1,12 +1,12 @@
 """Shard a saved tiny teacher with kd_llm's FSDP teacher placement on CPU processes (gloo), for
 tests/test_distributed.py, and compare its logits with the unsharded teacher's.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/fsdp_teacher_run.py --models DIR --output DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/support/fsdp_teacher_run.py --models DIR --output DIR
 
 Accelerate 1.15 turns an FSDP config into plain DDP when the processes run on CPU (its FSDP mode needs GPUs), so the
 whole trainer cannot be run under FSDP here; this drives ``prepare_fsdp_teacher`` directly, with the accelerator's
 FSDP plugin built by hand, for FSDP versions 1 and 2. Every process writes ``rank<i>.json``.
-tests/distributed_kd_run.py also calls :func:`check_fsdp_teacher` (``--fsdp_teacher_check DIR``): one launch, two checks.
+tests/support/distributed_kd_run.py also calls :func:`check_fsdp_teacher` (``--fsdp_teacher_check DIR``): one launch, two checks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

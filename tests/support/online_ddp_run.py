@@ -1,7 +1,7 @@
 """A few online (mutual) distillation steps on tiny saved models, for tests/test_online.py to run under
 ``accelerate launch`` with 2 CPU processes:
 
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml tests/online_ddp_run.py \
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml tests/support/online_ddp_run.py \
         --models DIR --output DIR --per_device_train_batch_size 4
 
 ``--models`` holds ``teacher/`` and ``student/``. The main process writes ``student.safetensors`` and
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script by accelerate launch: make `kd_llm` importable from the checkout
     sys.path.insert(0, str(REPO))
 

@@ -1,7 +1,7 @@
 """A few distillation steps on tiny saved models, for tests/test_distributed.py to run under ``accelerate launch``.
 
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 \
-        tests/distributed_kd_run.py --models DIR --output DIR --per_device_train_batch_size 4
+        tests/support/distributed_kd_run.py --models DIR --output DIR --per_device_train_batch_size 4
 
 ``--models`` holds ``teacher/`` and ``student/`` (saved by the test with ``save_pretrained``, so every process and
 every run start from the same weights). The main process writes ``student.safetensors`` (the trained student's
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script by accelerate launch: make `kd_llm` importable from the checkout
     sys.path.insert(0, str(REPO))
 
@@ -70,13 +70,13 @@ def main() -> None:
     parser.add_argument("--per_device_train_batch_size", type=int, required=True)
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--fsdp_teacher_check", type=Path, default=None,
-                        help="Afterwards, also run tests/fsdp_teacher_run.py's check, writing to this folder.")
+                        help="Afterwards, also run tests/support/fsdp_teacher_run.py's check, writing to this folder.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(args.models, args.output, per_device_train_batch_size=args.per_device_train_batch_size,
         max_steps=args.max_steps)
     if args.fsdp_teacher_check is not None:  # one launch for two checks: process start-up dominates their time
-        from tests.fsdp_teacher_run import check_fsdp_teacher
+        from tests.support.fsdp_teacher_run import check_fsdp_teacher
 
         check_fsdp_teacher(args.models, args.fsdp_teacher_check)
 

@@ -2,7 +2,7 @@
 processes, for tests/test_distributed.py (skipped where ``deepspeed`` is not installed), and compare its logits with
 the unsharded teacher's.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/deepspeed_teacher_run.py --models DIR --output DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/support/deepspeed_teacher_run.py --models DIR --output DIR
 
 This drives ``prepare_deepspeed_teacher`` directly, with the accelerator's DeepSpeed config given by hand: on CPU,
 Accelerate and the HF Trainer count one process under DeepSpeed, so the whole trainer cannot run here. Every process
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
