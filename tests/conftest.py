@@ -92,3 +92,15 @@ def teacher_watching_trainer(seen: dict, teacher_width: int):
             return super().training_step(*args, **kwargs)
 
     return TeacherWatchingTrainer
+
+
+@pytest.fixture(scope="session")
+def served_teacher(tiny_teacher_dir, tmp_path_factory):
+    """scripts/serve_teacher.py serving ``tiny_teacher_dir`` on 127.0.0.1 (one process for the whole session)."""
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("httpx")
+    from tests.helpers.served import ServerProcess
+
+    server = ServerProcess(tiny_teacher_dir, tmp_path_factory.mktemp("served"))
+    yield server
+    server.stop()
