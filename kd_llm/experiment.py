@@ -25,14 +25,17 @@ from kd_llm.distillation_modes import (DistillationModeArguments, build_trainer,
                                       mode_rows, mode_summary, save_distilled, student_factory)
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
+from kd_llm.features.distiller import FeatureDistiller
 from kd_llm.hub import HubTarget, without_hub_push
 from kd_llm.models.students import build_student, decoder_layers, rank_layers_by_importance
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
+from kd_llm.secret_filter import redact_secrets
 from kd_llm.teacher_cache.reader import check_cache_teacher
 from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
+from kd_llm.training.checkpoints import resume_for_own_run
 from kd_llm.training.memory_estimate import report_memory_estimate
 from kd_llm.training.teacher_process import TeacherProcess
 
@@ -287,6 +290,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
     new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
     untrained_student = new_student()
+    # Feature terms the two models cannot serve (attention maps of fused-QKV layers, layer maps out of range) are
+    # refused now, before the baseline trains; the trainer builds its own distiller.
+    FeatureDistiller.from_config(config, untrained_student, teacher)
     # Before any training: the memory one process will need, and a warning when its device is short.
     teacher_elsewhere = kd_needs_no_teacher(args, config) or kd_teacher_in_side_process(args, config)
     memory_teacher = None if teacher_elsewhere else teacher  # a cache (and a side process) stand in for it
@@ -304,6 +310,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
             hidden_weight=0.0, attention_weight=0.0,  # hard labels alone: no teacher features either
             output_dir=str(output_dir / "hard_label_baseline"),
             push_to_hub=False,
+            # A resumed run: the baseline resumes from its own checkpoints, never from the distilled student's.
+            resume_from_checkpoint=resume_for_own_run(config.resume_from_checkpoint,
+                                                      output_dir / "hard_label_baseline", "hard-label baseline"),
         )
         baseline_trainer, seconds = _train(new_student(), None, tokenizer, baseline_config, train_dataset)
         rows.append(_evaluate("student, hard labels only", baseline_trainer.model, tokenizer, args, eval_records,
@@ -377,7 +386,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     }
     if baseline_trainer is not None and args.evaluate_skills:
         results["recovered_fraction"] = recovered_fraction(rows)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (output_dir / "results.json").write_text(json.dumps(redact_secrets(results), indent=2, default=str))
     if args.write_report:
         from kd_llm.report.run import write_run_report  # matplotlib, only when reporting
 

@@ -19,6 +19,8 @@ from kd_llm.data.sampling import StepShuffledLengthSampler
 from kd_llm.data.sources import build_dataset, load_records
 from kd_llm.models.char_tokenizer import build_char_tokenizer
 from kd_llm.models.loading import load_model, load_tokenizer
+from kd_llm.secret_filter import redact_secrets
+from kd_llm.training.checkpoints import AtomicCheckpointMixin
 
 
 @dataclass
@@ -62,7 +64,7 @@ class SpecialistArguments:
             raise ValueError("use_lora needs base_model: LoRA adapts an existing model.")
 
 
-class SpecialistTrainer(Trainer):
+class SpecialistTrainer(AtomicCheckpointMixin, Trainer):
     """Trainer with :class:`StepShuffledLengthSampler` batches when ``step_shuffled_batches`` is on."""
 
     def __init__(self, *args, step_shuffled_batches: bool = False, **kwargs):
@@ -132,4 +134,4 @@ def build_train_dataset(args: SpecialistArguments, tokenizer, cache_root: str | 
 
 def write_run_record(final_dir: str | Path, args: SpecialistArguments, extra: dict) -> None:
     path = Path(final_dir) / "specialist_run.json"
-    path.write_text(json.dumps({"arguments": asdict(args), **extra}, indent=2))
+    path.write_text(json.dumps(redact_secrets({"arguments": asdict(args), **extra}), indent=2))

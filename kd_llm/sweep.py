@@ -25,6 +25,7 @@ from kd_llm.distillation_modes import load_teachers, student_factory
 from kd_llm.experiment import (DistillationScriptArguments, _evaluate, _train, make_student_factory,
                                teacher_transfer_set)
 from kd_llm.losses import DIVERGENCES
+from kd_llm.secret_filter import is_secret_key, redact_secrets
 from kd_llm.training import DistillationConfig
 
 SWEEP_FILES = {"json": "sweep.json", "table": "sweep.md", "plot": "sweep.png", "best": "best_config.yaml"}
@@ -146,7 +147,7 @@ def run_sweep(sweep: SweepArguments, args: DistillationScriptArguments, config: 
               "trial_max_steps": sweep.trial_max_steps, "eval_size": len(eval_records), "search": sweep.search,
               "transfer_examples": len(kd_dataset) - len(train_dataset),
               "trials": trials, "best": best, "files": {k: str(out / v) for k, v in SWEEP_FILES.items()}}
-    (out / SWEEP_FILES["json"]).write_text(json.dumps(result, indent=2))
+    (out / SWEEP_FILES["json"]).write_text(json.dumps(redact_secrets(result), indent=2))
     (out / SWEEP_FILES["table"]).write_text(format_sweep_table(result))
     plot_sweep(trials, out / SWEEP_FILES["plot"])
     write_best_config(best, explicit_settings(args, config), out / SWEEP_FILES["best"])
@@ -200,7 +201,7 @@ def explicit_settings(args: DistillationScriptArguments, config: DistillationCon
     defaults = (DistillationScriptArguments(), DistillationConfig(output_dir=config.output_dir))
     for given, default in zip((args, config), defaults):
         for f in dataclasses.fields(given):
-            if not f.init or f.name.startswith("_"):
+            if not f.init or f.name.startswith("_") or is_secret_key(f.name):  # never a token in the YAML
                 continue
             value, base = getattr(given, f.name), getattr(default, f.name)
             if value != base:
@@ -218,4 +219,4 @@ def write_best_config(best: dict, base_values: dict, path: Path) -> None:
               "distillation_loss": best["distillation_loss"]}
     header = (f"# The best trial of a kd_llm sweep: {100 * best['mean_category_exact_match']:.1f}% mean exact match "
               f"after a short run.\n# Launch:  accelerate launch scripts/distill_llm.py --config {path}\n")
-    path.write_text(header + yaml.safe_dump(values, sort_keys=False))
+    path.write_text(header + yaml.safe_dump(redact_secrets(values), sort_keys=False))

@@ -12,10 +12,10 @@ import json
 import time
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from kd_llm.cli import parse_with_config
 from kd_llm.data.collator import CausalLMCollator
+from kd_llm.training.checkpoints import last_complete_checkpoint
 from kd_llm.specialist import (
     SpecialistArguments,
     SpecialistTrainer,
@@ -40,8 +40,9 @@ def main(argv=None):
         data_collator=CausalLMCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    checkpoint = get_last_checkpoint(training_args.output_dir) if training_args.resume_from_checkpoint is None \
-        else training_args.resume_from_checkpoint
+    # Rerunning resumes from the newest complete checkpoint (incomplete ones are named and skipped).
+    checkpoint = True if training_args.resume_from_checkpoint is None and \
+        last_complete_checkpoint(training_args.output_dir) else training_args.resume_from_checkpoint
     started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
     elapsed = time.time() - started

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from kd_llm.features.attention_maps import AttentionGeometry, attention_geometry
+from kd_llm.features.attention_maps import AttentionGeometry, UnsupportedAttentionError, attention_geometry
 from kd_llm.models.students import decoder_layers
 
 
@@ -37,9 +37,10 @@ def self_attention(model: nn.Module, index: int, role: str) -> nn.Module:
     layer = layer_list(model)[index]
     attention = getattr(layer, "self_attn", None)
     if attention is None:
-        raise ValueError(
-            f"{role} layer {index} ({type(layer).__name__}) has no self_attn module; attention distillation supports "
-            "decoder layers with a self_attn (Llama, Qwen, Mistral, Gemma and their relatives)."
+        raise UnsupportedAttentionError(
+            f"{role} layer {index} ({type(layer).__name__}) has no self_attn module with separate q/k/v projections "
+            "(GPT-2-style blocks fuse them), so its attention maps cannot be rebuilt. Use hidden-state distillation "
+            "(hidden_weight) for this model, or attention distillation with a Llama/Qwen/Mistral/Gemma-style model."
         )
     return attention
 

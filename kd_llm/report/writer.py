@@ -8,6 +8,7 @@ from pathlib import Path
 from kd_llm.report import artifacts
 from kd_llm.report.build import lookup, format_ratio, comparison_lines, cost_table, skill_table
 from kd_llm.report.recipe import recipe_lines
+from kd_llm.secret_filter import redact_secrets
 
 
 def _fraction_sentence(comparison: dict) -> str:
@@ -100,6 +101,7 @@ def write_report(report: dict, output_dir: str | Path, *, log_history: list[dict
         plot_categories(report["models"], folder / artifacts.CATEGORY_PLOT),
     ]
     report["plots"] = [path.relative_to(folder).as_posix() for path in drawn if path is not None]
-    (folder / artifacts.REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
-    (folder / artifacts.REPORT_MARKDOWN).write_text(render_markdown(report))
+    written = redact_secrets(report)  # the card is rendered from report.json: no token reaches either
+    (folder / artifacts.REPORT_JSON).write_text(json.dumps(written, indent=2, default=str))
+    (folder / artifacts.REPORT_MARKDOWN).write_text(render_markdown(written))
     return [folder / artifacts.REPORT_JSON, folder / artifacts.REPORT_MARKDOWN, *(folder / p for p in report["plots"])]

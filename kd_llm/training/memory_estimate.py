@@ -56,6 +56,29 @@ class MemoryEstimateWarning(UserWarning):
     """The estimated memory of a training process exceeds what its device has."""
 
 
+class UnknownShapeError(ValueError):
+    """A config without a width the estimate needs: the estimate is reported as unknown and training goes on."""
+
+
+def _config_value(config, name: str, required: bool = False):
+    value = getattr(config, name, None)  # PretrainedConfig.__getattribute__ applies attribute_map
+    if required and not isinstance(value, int):
+        raise UnknownShapeError(f"{type(config).__name__} has no {name}")
+    return value
+
+
+def _intermediate_size(config, hidden: int) -> int:
+    """The MLP width under the names transformers' configs use; GPT-2-style configs mean 4 x hidden by n_inner
+    None."""
+    for name in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    if hasattr(config, "n_inner"):  # GPT-2, GPT-J, ...: None stands for 4 x n_embd
+        return 4 * hidden
+    raise UnknownShapeError(f"{type(config).__name__} names no MLP width (intermediate_size)")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     parameters: int
@@ -73,9 +96,12 @@ class ModelShape:
         """Counts from the parameters themselves (works on the meta device); widths from the (text) config."""
         config = model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        # Standard names resolve through each config's attribute_map (GPT-2: n_embd, n_head, n_layer).
+        hidden, heads, layers, vocab = (_config_value(text, name, required=True) for name in (
+            "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"))
+        head_dim = _config_value(text, "head_dim") or hidden // heads
+        kv_heads = _config_value(text, "num_key_value_heads") or heads
+        intermediate = _intermediate_size(text, hidden)
         unique = {id(p): p for p in model.parameters()}.values()  # tied weights once
         trainable = [p for p in unique if p.requires_grad]
         return cls(
@@ -83,8 +109,8 @@ class ModelShape:
             trainable_parameters=sum(p.numel() for p in trainable),
             parameter_bytes=sum(p.numel() * p.element_size() for p in unique),
             trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
-            hidden_size=text.hidden_size, kv_size=kv_heads * head_dim, intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers, vocab_size=text.vocab_size,
+            hidden_size=hidden, kv_size=kv_heads * head_dim, intermediate_size=intermediate,
+            num_layers=layers, vocab_size=vocab,
         )
 
     def layer_values_per_token(self) -> int:
@@ -267,12 +293,18 @@ def longest_sequence(dataset) -> int:
 
 
 def report_memory_estimate(student: nn.Module, teacher: nn.Module | None, config, train_dataset, *,
-                           max_length: int | None = None, print_fn=print) -> MemoryEstimate:
+                           max_length: int | None = None, print_fn=print) -> MemoryEstimate | None:
     """Print the estimate for training on ``train_dataset`` (main process only) and warn when it exceeds the
     device. Sequences are taken at the dataset's longest, or at ``max_length`` when given (data not built yet)."""
     cached = supervised_token_count(train_dataset) if config.precompute_teacher_logits and teacher is not None else 0
-    estimate = estimate_for_run(student, teacher, config, sequence_length=max_length or longest_sequence(train_dataset),
-                                cached_teacher_tokens=cached)
+    try:
+        estimate = estimate_for_run(student, teacher, config,
+                                    sequence_length=max_length or longest_sequence(train_dataset),
+                                    cached_teacher_tokens=cached)
+    except UnknownShapeError as error:  # an estimate is advice: say so, and train anyway
+        if config.process_index == 0:
+            print_fn(f"Memory estimate per process: unknown ({error}).")
+        return None
     if config.process_index == 0:
         capacity, device = device_capacity(config.use_cpu)
         print_fn(estimate.format() + f"\n  device: {device}, {capacity / GIB:.2f} GiB")

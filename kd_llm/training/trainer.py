@@ -14,6 +14,7 @@ from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.teacher_cache.training import open_trainer_cache, sparse_cache_terms
+from kd_llm.training.checkpoints import AtomicCheckpointMixin
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.feature_distillation import FeatureDistillationMixin
 from kd_llm.training.fused_path import FUSED_FORWARD_KWARGS, choose_loss_path, fused_objective_terms
@@ -26,7 +27,8 @@ from kd_llm.training.teacher_process import TeacherProcess, side_process_teacher
 
 
 # HubPushMixin: push_to_hub=True pushes an allow-list of files (kd_llm.hub), never the whole output folder.
-class DistillationTrainer(HubPushMixin, FeatureDistillationMixin, Trainer):
+# AtomicCheckpointMixin: checkpoint-N folders appear whole or not at all; resumes are checked (training.checkpoints).
+class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillationMixin, Trainer):
     """Train ``model`` (the student) on ``alpha * CE + (1 - alpha) * T^2 * KD(teacher || student)``.
 
     Offline distillation (this class): the teacher is frozen (no gradients, eval mode, dropout off), run under
