@@ -2,8 +2,6 @@
 baseline, and a GPT-2-family teacher (memory estimate, attention-map refusal before any work)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 from kd_llm.features import UnsupportedAttentionError
 from kd_llm.training.memory_estimate import ModelShape, report_memory_estimate
 from tests.conftest import tiny_distillation_config
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import distill_llm  # noqa: E402
+from tests.helpers.scripts import distill_llm
 
 QUICK = ["--student_num_layers", "1", "--transfer_size", "0", "--train_size", "16", "--evaluate_skills", "false",
          "--write_report", "false", "--disable_tqdm", "true", "--logging_steps", "1"]

@@ -2,20 +2,15 @@
 results, report, card, baseline), sweep.py (best_config.yaml, sweep.json) and the trainer's checkpoints write, with a
 token given both ways (HF_TOKEN and --hub_token)."""
 
-import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from kd_llm import DistillationTrainer
 from kd_llm.secret_filter import REDACTED, redact_secrets, register_secret
 from tests.conftest import tiny_distillation_config, tiny_llama
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import distill_llm  # noqa: E402
-import sweep as sweep_script  # noqa: E402
+from tests.helpers.scripts import ROOT, distill_llm
+import sweep as sweep_script  # noqa: E402  (scripts/ is on sys.path: tests.helpers.scripts)
 
 ENV_TOKEN = "hf_" + "E" * 34
 FLAG_TOKEN = "hf_" + "F" * 34
