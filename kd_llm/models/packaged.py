@@ -50,6 +50,7 @@ __all__ = [
     "gguf_cache_dir",
     "packaged_model_dir",
     "packaged_model_names",
+    "packaged_tokenizer_dir",
     "strip_quantization",
 ]
 
@@ -221,6 +222,30 @@ def packaged_model_dir(name: str) -> Path:
         shutil.rmtree(scratch)
 
     return _cached(target, produce)
+
+
+def packaged_tokenizer_dir(name: str) -> Path:
+    """A folder with only the tokenizer of packaged model ``name``: the model's converted folder when it exists, else
+    the tokenizer converted on its own and cached (Gemma-3-270M: about 25 s once on 2 busy cores instead of the
+    model's 60 s, then 3 s to load; no 1.1 GB of weights), for what needs the vocabulary but not the model."""
+    model = _get_packaged(name)
+    _check_installed(model)
+    version = _distribution_version(model.distributions[0])
+    converted = cache_root() / "packaged" / f"{model.name}-{version}-f{CONVERSION_FORMAT}"
+    if converted.is_dir():
+        return converted
+
+    def produce(out_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        scratch = out_dir / ".scratch"
+        scratch.mkdir()
+        gguf_path = model.locate_gguf(model, scratch)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        shutil.rmtree(scratch)
+        tokenizer.save_pretrained(out_dir)
+
+    return _cached(cache_root() / "packaged-tokenizers" / f"{model.name}-{version}-f{CONVERSION_FORMAT}", produce)
 
 
 def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
