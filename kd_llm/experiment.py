@@ -23,6 +23,7 @@ from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
 from kd_llm.distillation_modes import (DistillationModeArguments, build_trainer, check_mode_config, load_teachers,
                                       mode_rows, mode_summary, save_distilled, student_factory)
+from kd_llm.evaluation.bits_per_byte import bits_per_byte, load_bpb_text
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.features.distiller import FeatureDistiller
@@ -99,6 +100,14 @@ class DistillationScriptArguments(DistillationModeArguments):
     )
     evaluate_skills: bool = field(default=True, metadata={"help": "Score every model on the held-out skill problems."})
     max_new_tokens: int = field(default=160, metadata={"help": "Generation budget per answer in the evaluation."})
+    bpb_source: str = field(
+        default="auto",
+        metadata={"help": "Held-out text every model's bits per byte (BPB, tokenizer-independent) is measured on: "
+                          "debian-licenses (the Apache-2.0 and MPL-2.0 texts in Debian's /usr/share/common-licenses), "
+                          "a UTF-8 text file, none, or auto: debian-licenses where the tokenizer can spell it and "
+                          "the file exists, else recorded as skipped with the reason."},
+    )
+    bpb_max_bytes: int = field(default=4000, metadata={"help": "Bytes of bpb_source used (cut at a line break)."})
     generation_batch_size: int = field(default=100, metadata={"help": "Prompts generated together in evaluation."})
     # Capacity check and report (kd_llm.report).
     min_teacher_accuracy: float = field(
@@ -145,7 +154,7 @@ class DistillationScriptArguments(DistillationModeArguments):
         if self.transfer_size < 0:
             raise ValueError(f"transfer_size must be >= 0, got {self.transfer_size}.")
         for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size",
-                     "calibration_size"):
+                     "calibration_size", "bpb_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.min_teacher_accuracy <= 1.0:
@@ -192,8 +201,24 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _bits_per_byte(model, tokenizer, args: DistillationScriptArguments) -> dict:
+    """BPB on the held-out text; with ``auto``, a tokenizer that cannot spell the licence texts (the specialists'
+    character tokenizer) gets ``{"skipped": why}``, shown as such in the report, instead of stopping the run."""
+    source = "debian-licenses" if args.bpb_source == "auto" else args.bpb_source
+    try:
+        measured = bits_per_byte(model, tokenizer, load_bpb_text(source, args.bpb_max_bytes),
+                                 batch_size=min(4, args.generation_batch_size))
+    except (ValueError, FileNotFoundError) as error:
+        if args.bpb_source != "auto":
+            raise
+        return {"source": source, "skipped": str(error)}
+    return {"source": source, **measured.as_dict()}
+
+
 def _evaluate(name: str, model, tokenizer, args: DistillationScriptArguments, records, extra: dict) -> dict:
     row = {"model": name, "parameters": parameter_count(model), **extra}
+    if args.bpb_source != "none":
+        row["bits_per_byte"] = _bits_per_byte(model, tokenizer, args)
     if args.evaluate_skills:
         scores = evaluate_skill(model, tokenizer, task=args.dataset, records=records,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,

@@ -11,7 +11,7 @@ from torch import nn
 
 from kd_llm.data.formatting import format_prompt
 from kd_llm.report import artifacts
-from kd_llm.report.build import build_report, recovered_fraction
+from kd_llm.report.build import bpb_table, build_report, recovered_fraction
 from kd_llm.report.checks import TeacherCheckError, check_teacher, difference_noise, negative_transfer
 from kd_llm.report.measure import (BenchmarkSettings, cpu_probe_request, generate_fixed_length, measure_model,
                                    parameter_count, peak_memory_cpu, size_on_disk, time_generation,
@@ -357,3 +357,25 @@ def test_without_a_baseline_the_report_and_card_say_so():
     assert "no hard-label baseline was measured" in render_markdown(report)
     card = ModelCard(str(render_model_card(report)), ignore_metadata_errors=False)
     assert "No hard-label baseline was measured" in card.text and "Teacher check: not run." in card.text
+
+
+def with_bpb(report):
+    for entry, value in zip(report["models"], (1.1, 1.9, 1.5)):
+        entry["bits_per_byte"] = {"source": "debian-licenses", "bits_per_byte": value, "bytes": 4000,
+                                  "tokens": 1000, "bytes_per_token": 4.0}
+    return report
+
+
+def test_report_and_model_card_show_bits_per_byte_for_every_model():
+    report = with_bpb(make_report())
+    table = bpb_table(report)
+    assert "| teacher | 1.1000 |" in table and "| distilled student | 1.5000 |" in table
+    assert "`debian-licenses` (4,000 bytes)" in table
+    assert "## Bits per byte" in render_markdown(report)
+    card = str(render_model_card(report, model_id="me/student"))
+    assert "| hard-label baseline | 1.9000 |" in card
+    ModelCard(card, ignore_metadata_errors=False)  # still a valid card
+    assert bpb_table(make_report()) == "" and "Bits per byte" not in render_markdown(make_report())
+    report = make_report()
+    report["models"][0]["bits_per_byte"] = {"source": "debian-licenses", "skipped": "cannot spell the text"}
+    assert bpb_table(report) == "Bits per byte: not measured (cannot spell the text)"

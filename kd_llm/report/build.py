@@ -148,6 +148,23 @@ def skill_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def bpb_table(report: dict) -> str:
+    """Bits per byte on the same held-out text, one row per model that has it; '' when no model has it."""
+    measured = [e for e in report["models"] if (e.get("bits_per_byte") or {}).get("bits_per_byte") is not None]
+    skipped = [e for e in report["models"] if (e.get("bits_per_byte") or {}).get("skipped")]
+    if not measured:
+        return (f"Bits per byte: not measured ({skipped[0]['bits_per_byte']['skipped']})" if skipped else "")
+    source = measured[0]["bits_per_byte"].get("source", "?")
+    lines = [f"Bits per byte (lower is better; tokenizer-independent) on held-out text `{source}` "
+             f"({measured[0]['bits_per_byte']['bytes']:,} bytes):", "",
+             "| model | bits per byte | tokens | bytes per token |", "|---|---:|---:|---:|"]
+    for entry in measured:
+        bpb = entry["bits_per_byte"]
+        lines.append(f"| {entry['name']} | {bpb['bits_per_byte']:.4f} | {bpb['tokens']:,} | "
+                     f"{bpb['bytes_per_token']} |")
+    return "\n".join(lines)
+
+
 def cost_table(report: dict) -> str:
     """Parameters, size on disk, latency and throughput at both batch sizes, and peak inference memory."""
     batch = report["benchmark"]["batch_size"]

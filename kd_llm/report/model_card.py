@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from kd_llm.report import artifacts
-from kd_llm.report.build import comparison_lines, cost_table, skill_table
+from kd_llm.report.build import bpb_table, comparison_lines, cost_table, skill_table
 from kd_llm.report.checks import SCORE_KEY
 from kd_llm.report.recipe import CITATIONS, citation_keys, recipe_lines
 from kd_llm.report.writer import measurement_notes, summary, teacher_check_lines
@@ -118,6 +118,7 @@ def render_model_card(report: dict, *, model_id: str | None = None, license: str
         comparison=comparison,
         negative_transfer=comparison["negative_transfer"],
         skill_table=skill_table(report),
+        bpb_table=bpb_table(report),
         cost_table=cost_table(report),
         comparison_lines="\n".join(comparison_lines(report)).strip(),
         teacher_check="\n".join(teacher_check_lines(report.get("teacher_check"))),

@@ -40,6 +40,11 @@ def skill_of(row: dict | None) -> dict | None:
     return {key: row[key] for key in SKILL_KEYS if key in row}
 
 
+def bpb_of(row: dict | None) -> dict | None:
+    """The bits per byte of an evaluation row (None when it was not measured)."""
+    return (row or {}).get("bits_per_byte")
+
+
 def benchmark_prompts(records: list[dict], tokenizer, *, count: int, use_chat_template: bool) -> list[list[int]]:
     """Token ids of the first ``count`` prompts, formatted as at evaluation (a ``text`` record gives its first 32
     tokens)."""
@@ -127,18 +132,21 @@ def write_run_report(results: dict, *, args, teacher, student, baseline, tokeniz
     # A teacher given as base + LoRA adapter is measured from a saved copy of the merged model.
     teacher_source = None if getattr(args, "teacher_adapter", None) else args.teacher
     entries = [{"name": "teacher", "role": "teacher", "source": teacher_source, "model": teacher,
-                "skill": skill_of(rows.get("teacher"))}]
+                "skill": skill_of(rows.get("teacher")), "bits_per_byte": bpb_of(rows.get("teacher"))}]
     untrained = rows.get("student, before training")
     if untrained is not None:
         entries.append({"name": "untrained student", "role": "untrained", "source": None, "model": None,
-                        "parameters": untrained["parameters"], "skill": skill_of(untrained)})
+                        "parameters": untrained["parameters"], "skill": skill_of(untrained),
+                        "bits_per_byte": bpb_of(untrained)})
     if baseline is not None:
         model, source = as_deployed(baseline, output_dir / artifacts.BASELINE_DIR)
         entries.append({"name": "hard-label baseline", "role": "baseline", "source": source, "model": model,
-                        "skill": skill_of(rows.get("student, hard labels only"))})
+                        "skill": skill_of(rows.get("student, hard labels only")),
+                        "bits_per_byte": bpb_of(rows.get("student, hard labels only"))})
     model, source = as_deployed(student, output_dir)
     entries.append({"name": "distilled student", "role": "student", "source": source, "model": model,
-                    "skill": skill_of(rows.get("student, distilled (KD)"))})
+                    "skill": skill_of(rows.get("student, distilled (KD)")),
+                    "bits_per_byte": bpb_of(rows.get("student, distilled (KD)"))})
     settings = BenchmarkSettings(batch_size=args.benchmark_batch_size, new_tokens=args.benchmark_new_tokens,
                                  measure_memory=args.measure_memory)
     device = next(student.parameters()).device
@@ -201,4 +209,4 @@ def report_on_checkpoints(*, teacher: str, students: list[str], baseline: str | 
 
 
 __all__ = ["benchmark_prompts", "fitting_new_tokens", "measure_entries", "parameter_count", "report_on_checkpoints",
-           "skill_of", "write_run_report"]
+           "skill_of", "bpb_of", "write_run_report"]

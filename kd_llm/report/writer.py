@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from kd_llm.report import artifacts
-from kd_llm.report.build import lookup, format_ratio, comparison_lines, cost_table, skill_table
+from kd_llm.report.build import bpb_table, comparison_lines, cost_table, format_ratio, lookup, skill_table
 from kd_llm.report.recipe import recipe_lines
 from kd_llm.secret_filter import redact_secrets
 
@@ -76,7 +76,10 @@ def teacher_check_lines(check: dict | None) -> list[str]:
 def render_markdown(report: dict) -> str:
     plots = report.get("plots", [])
     lines = ["# Distillation report", "", summary(report), "", "## Skill (exact match, %)", "", skill_table(report),
-             "", "## Size and speed", "", cost_table(report), "", "## Student against teacher", "",
+             ""]
+    if bpb_table(report):
+        lines += ["## Bits per byte", "", bpb_table(report), ""]
+    lines += ["## Size and speed", "", cost_table(report), "", "## Student against teacher", "",
              *comparison_lines(report), *teacher_check_lines(report.get("teacher_check")), ""]
     if report.get("run"):
         lines += ["## Distillation recipe", "", *recipe_lines(report["run"]), ""]
