@@ -22,6 +22,8 @@ import torch
 FORMAT = "kd_llm-teacher-cache"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+PAYLOAD_TOP_K, PAYLOAD_HIDDEN = "top_k", "hidden_states"
+PAYLOADS = (PAYLOAD_TOP_K, PAYLOAD_HIDDEN)
 
 
 class TeacherCacheError(ValueError):
@@ -52,6 +54,15 @@ class CacheMetadata:
     index_dtype: str
     shard_size: int
     teacher_dtype: str = ""  # what the teacher computed in (its weights hash covers it too)
+    # What a row holds: "top_k" (ids, values, tail; kd_llm.teacher_cache.codec) or "hidden_states" (the teacher's
+    # final post-norm hidden state; kd_llm.teacher_cache.hidden_codec), whose logits are softcap(lm_head(h)) with the
+    # head recorded below. For hidden states k = 0, temperature = 0 and value_codec = "": they hold at every T.
+    payload: str = PAYLOAD_TOP_K
+    hidden_dtype: str = ""  # hidden_states: how each value is stored (float32, float16, bfloat16, int8)
+    hidden_size: int = 0
+    head_hash: str = ""  # kd_llm.models.lm_head.head_sha256 of the teacher's lm_head weight and soft cap
+    head_tied: bool | None = None  # the lm_head weight is the input embedding
+    head_softcap: float | None = None  # the teacher's final_logit_softcapping (None: none)
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
     format: str = FORMAT
@@ -73,7 +84,8 @@ class CacheMetadata:
         """Everything that must match for a resumed build to continue this cache."""
         return {name: getattr(self, name) for name in (
             "teacher_hash", "tokenizer_hash", "dataset_fingerprint", "num_examples", "vocab_size", "k",
-            "temperature", "value_codec", "index_dtype", "shard_size", "format_version")}
+            "temperature", "value_codec", "index_dtype", "shard_size", "format_version", "payload", "hidden_dtype",
+            "hidden_size", "head_hash")}
 
     def to_json(self) -> str:
         values = dataclasses.asdict(self)

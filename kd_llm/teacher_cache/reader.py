@@ -8,6 +8,7 @@ tokens at k = 64) and decoded per batch, so a training step reads no file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import torch
 from kd_llm.losses.sparse import SparseTargets
 from kd_llm.teacher_cache.codec import decode_rows
 from kd_llm.teacher_cache.metadata import (
+    PAYLOAD_HIDDEN,
+    PAYLOAD_TOP_K,
     CacheMetadata,
     TeacherCacheError,
     dataset_fingerprint,
-    file_sha256,
     read_metadata,
     state_dict_sha256,
     tokenizer_sha256,
@@ -47,6 +49,87 @@ def check_cache_teacher(path: str | os.PathLike, teacher) -> None:
     """Refuse the cache in ``path`` unless ``teacher``'s weights made it. Reads the metadata only, so a script can
     check the teacher it loaded and then free it before training from the cache."""
     _check_teacher(Path(path), read_metadata(path), state_dict_sha256(teacher))
+
+
+def check_payload(path: Path, metadata: CacheMetadata, expected: str) -> None:
+    if metadata.payload != expected:
+        readers = {PAYLOAD_TOP_K: "kd_llm.teacher_cache.TeacherCache",
+                   PAYLOAD_HIDDEN: "kd_llm.teacher_cache.hidden_cache.HiddenStateCache"}
+        raise TeacherCacheError(f"The teacher cache in {path} holds {metadata.payload} rows, not {expected}: open it "
+                                f"with {readers.get(metadata.payload, 'a newer kd_llm')}.")
+
+
+def check_complete(path: Path, metadata: CacheMetadata) -> None:
+    if not metadata.complete:
+        raise TeacherCacheError(
+            f"The teacher cache in {path} is incomplete ({len(metadata.shards)} of {metadata.num_shards} shards): "
+            "its build was interrupted. Run the same `scripts/cache_teacher.py` command again to resume it."
+        )
+
+
+def check_tokenizer_and_data(path: Path, metadata: CacheMetadata, tokenizer, dataset) -> None:
+    """Refuse a cache made with another tokenizer (other token ids) or over other data (other rows)."""
+    if tokenizer is not None and tokenizer_sha256(tokenizer) != metadata.tokenizer_hash:
+        raise TeacherCacheError(
+            f"The teacher cache in {path} was made with another tokenizer (hash {_short(metadata.tokenizer_hash)}"
+            f", this run's is {_short(tokenizer_sha256(tokenizer))}), so its token ids mean other tokens. {REBUILD}"
+        )
+    if dataset is not None:
+        fingerprint = dataset_fingerprint(dataset)
+        if fingerprint != metadata.dataset_fingerprint:
+            raise TeacherCacheError(
+                f"The teacher cache in {path} covers other data ({metadata.num_examples} examples, fingerprint "
+                f"{_short(metadata.dataset_fingerprint)}) than this run's training set ({len(dataset)} examples, "
+                f"{_short(fingerprint)}). The examples, their order, max_length, prompt style and chat template "
+                f"must all be the same. {REBUILD}"
+            )
+
+
+def read_verified_shard(path: Path, record) -> pa.Table:
+    """A shard's table, after checking its sha256 against the one recorded when it was written."""
+    shard = path / record.file
+    if not shard.is_file():
+        raise TeacherCacheError(f"Teacher cache shard {shard} is missing. Run the same "
+                                "`scripts/cache_teacher.py` command again to rebuild it.")
+    data = shard.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise TeacherCacheError(
+            f"Teacher cache shard {shard} is corrupt: its sha256 differs from the one recorded when it was "
+            "written. Delete the file and run the same `scripts/cache_teacher.py` command again to rebuild it."
+        )
+    return ipc.open_file(pa.BufferReader(data)).read_all()
+
+
+def example_offsets(path: Path, metadata: CacheMetadata, example_columns: list) -> np.ndarray:
+    """Row offsets per example (rows of example i: ``offsets[i]:offsets[i + 1]``) from the shards' example columns."""
+    examples = np.concatenate(example_columns).astype(np.int64) if example_columns else np.zeros(0, np.int64)
+    if len(examples) and np.any(np.diff(examples) < 0):
+        raise TeacherCacheError(f"The teacher cache in {path} has rows out of example order; rebuild it.")
+    counts = np.bincount(examples, minlength=metadata.num_examples)
+    return np.concatenate(([0], np.cumsum(counts)))
+
+
+def check_batch_positions(offsets: np.ndarray, metadata: CacheMetadata, examples: list[int],
+                          shifted_labels: torch.Tensor) -> None:
+    """Refuse a batch whose examples are not in the cache or whose supervised positions differ from it."""
+    valid = (shifted_labels != -100).sum(dim=-1).tolist()
+    for index, count in zip(examples, valid):
+        if not 0 <= index < metadata.num_examples:
+            raise TeacherCacheError(f"Example {index} is not in the teacher cache ({metadata.num_examples} "
+                                    "examples).")
+        held = int(offsets[index + 1] - offsets[index])
+        if held != count:
+            raise TeacherCacheError(
+                f"The teacher cache holds {held} positions for example {index} but the batch has "
+                f"{count}: the dataset changed after the cache was built. {REBUILD}"
+            )
+
+
+def rows_of(offsets: np.ndarray, examples: list[int]) -> np.ndarray:
+    """Row numbers of ``examples``, concatenated in that order."""
+    if not examples:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in examples])
 
 
 class TeacherCache:
@@ -80,53 +163,24 @@ class TeacherCache:
         """
         path = Path(path)
         metadata = read_metadata(path)
-        if not metadata.complete:
-            raise TeacherCacheError(
-                f"The teacher cache in {path} is incomplete ({len(metadata.shards)} of {metadata.num_shards} shards): "
-                "its build was interrupted. Run the same `scripts/cache_teacher.py` command again to resume it."
-            )
-        if tokenizer is not None and tokenizer_sha256(tokenizer) != metadata.tokenizer_hash:
-            raise TeacherCacheError(
-                f"The teacher cache in {path} was made with another tokenizer (hash {_short(metadata.tokenizer_hash)}"
-                f", this run's is {_short(tokenizer_sha256(tokenizer))}), so its token ids mean other tokens. {REBUILD}"
-            )
+        check_payload(path, metadata, PAYLOAD_TOP_K)
+        check_complete(path, metadata)
         if teacher is not None or teacher_hash is not None:
             _check_teacher(path, metadata, teacher_hash or state_dict_sha256(teacher))
-        if dataset is not None:
-            fingerprint = dataset_fingerprint(dataset)
-            if fingerprint != metadata.dataset_fingerprint:
-                raise TeacherCacheError(
-                    f"The teacher cache in {path} covers other data ({metadata.num_examples} examples, fingerprint "
-                    f"{_short(metadata.dataset_fingerprint)}) than this run's training set ({len(dataset)} examples, "
-                    f"{_short(fingerprint)}). The examples, their order, max_length, prompt style and chat template "
-                    f"must all be the same. {REBUILD}"
-                )
+        check_tokenizer_and_data(path, metadata, tokenizer, dataset)
         return cls._load(path, metadata)
 
     @classmethod
     def _load(cls, path: Path, metadata: CacheMetadata) -> "TeacherCache":
         parts = {"gaps": [], "values": [], "log_tail": [], "example": []}
         for record in metadata.shards:
-            shard = path / record.file
-            if not shard.is_file():
-                raise TeacherCacheError(f"Teacher cache shard {shard} is missing. Run the same "
-                                        "`scripts/cache_teacher.py` command again to rebuild it.")
-            if file_sha256(shard) != record.sha256:
-                raise TeacherCacheError(
-                    f"Teacher cache shard {shard} is corrupt: its sha256 differs from the one recorded when it was "
-                    "written. Delete the file and run the same `scripts/cache_teacher.py` command again to rebuild it."
-                )
-            table = ipc.open_file(pa.BufferReader(shard.read_bytes())).read_all()
+            table = read_verified_shard(path, record)
             for name in ("gaps", "values"):
                 column = table.column(name).combine_chunks()
                 parts[name].append(column.flatten().to_numpy().reshape(len(column), metadata.k))
             parts["log_tail"].append(table.column("log_tail").to_numpy())
             parts["example"].append(table.column("example").to_numpy())
-        examples = np.concatenate(parts["example"]).astype(np.int64)
-        if len(examples) and np.any(np.diff(examples) < 0):
-            raise TeacherCacheError(f"The teacher cache in {path} has rows out of example order; rebuild it.")
-        counts = np.bincount(examples, minlength=metadata.num_examples)
-        offsets = np.concatenate(([0], np.cumsum(counts)))
+        offsets = example_offsets(path, metadata, parts["example"])
         return cls(path, metadata, np.concatenate(parts["gaps"]), np.concatenate(parts["values"]),
                    np.concatenate(parts["log_tail"]), offsets)
 
@@ -135,8 +189,7 @@ class TeacherCache:
 
     def targets_for(self, examples: list[int], *, device=None) -> SparseTargets:
         """Rows of ``examples`` concatenated in that order (each example's positions in order)."""
-        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in examples]) if examples \
-            else np.zeros(0, dtype=np.int64)
+        rows = rows_of(self.offsets, examples)
         ids, log_probs, log_tail = decode_rows(self.gaps[rows], self.values[rows], self.log_tail[rows],
                                                codec=self.metadata.value_codec)
         targets = SparseTargets(ids, log_probs, log_tail, self.temperature)
@@ -146,14 +199,5 @@ class TeacherCache:
         """Targets for a batch: rows of the examples ``cache_index`` in the order the losses select valid positions
         (row-major over ``shifted_labels != -100``). A count that differs from the cache is an error."""
         examples = cache_index.tolist()
-        valid = (shifted_labels != -100).sum(dim=-1).tolist()
-        for index, count in zip(examples, valid):
-            if not 0 <= index < self.metadata.num_examples:
-                raise TeacherCacheError(f"Example {index} is not in the teacher cache ({self.metadata.num_examples} "
-                                        "examples).")
-            if self.positions(index) != count:
-                raise TeacherCacheError(
-                    f"The teacher cache holds {self.positions(index)} positions for example {index} but the batch has "
-                    f"{count}: the dataset changed after the cache was built. {REBUILD}"
-                )
+        check_batch_positions(self.offsets, self.metadata, examples, shifted_labels)
         return self.targets_for(examples, device=device)

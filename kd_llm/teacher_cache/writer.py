@@ -63,13 +63,15 @@ def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
-def shard_bytes(examples: np.ndarray, encoded: dict[str, np.ndarray], *, shard_index: int) -> bytes:
-    table = pa.table({
-        "example": pa.array(examples.astype(np.int32)),
-        "gaps": _fixed_size_list(encoded["gaps"]),
-        "values": _fixed_size_list(encoded["values"]),
-        "log_tail": pa.array(encoded["log_tail"]),
-    }).replace_schema_metadata({"kd_llm_shard": str(shard_index)})
+def top_k_columns(encoded: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    return {"gaps": _fixed_size_list(encoded["gaps"]), "values": _fixed_size_list(encoded["values"]),
+            "log_tail": pa.array(encoded["log_tail"])}
+
+
+def shard_bytes(examples: np.ndarray, columns: dict[str, pa.Array], *, shard_index: int) -> bytes:
+    """One shard's Arrow IPC file: the ``example`` column, then the payload's columns."""
+    table = pa.table({"example": pa.array(examples.astype(np.int32)), **columns}).replace_schema_metadata(
+        {"kd_llm_shard": str(shard_index)})
     sink = pa.BufferOutputStream()
     options = ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
     with ipc.new_file(sink, table.schema, options=options) as writer:
@@ -137,9 +139,28 @@ class TeacherCacheWriter:
                 logger.warning("Teacher cache shard %s is missing or corrupt: computing it again.", record.file)
         return done
 
+    def _example_rows(self, output: torch.Tensor, valid: torch.Tensor):
+        """What is stored for one example: ``output [L - 1, ...]`` (the teacher's output at the positions that
+        predict a token) restricted to its supervised positions ``valid [L - 1]``."""
+        if output.shape[-1] < self.metadata.vocab_size:
+            raise TeacherCacheError(f"The teacher produced {output.shape[-1]} logits per position but the "
+                                    f"tokenizer has {self.metadata.vocab_size} tokens.")
+        return top_k_rows(output[valid], k=self.metadata.k, temperature=self.metadata.temperature,
+                          vocab_size=self.metadata.vocab_size)
+
+    def _columns(self, rows: list) -> dict:
+        """Arrow columns of a shard's rows (the examples' :meth:`_example_rows`, in example order)."""
+        ids, log_probs, log_tail = (torch.cat([row[part] for row in rows]) for part in range(3))
+        return top_k_columns(encode_rows(ids, log_probs, log_tail, vocab_size=self.metadata.vocab_size,
+                                         codec=self.metadata.value_codec))
+
+    @staticmethod
+    def _row_count(rows) -> int:
+        return rows[0].shape[0]
+
     @torch.no_grad()
     def _shard_rows(self, teacher_fn: TeacherFn, first: int, stop: int, *, batch_size: int, device):
-        """Encoded rows of examples ``[first, stop)``, in example order."""
+        """``(examples, columns)`` of examples ``[first, stop)``, in example order."""
         shard = self.dataset.select(range(first, stop)).select_columns(["input_ids", "labels"])
         lengths = [len(ids) for ids in shard["input_ids"]]
         order = sorted(range(first, stop), key=lambda i: lengths[i - first])  # tight padding
@@ -148,18 +169,11 @@ class TeacherCacheWriter:
             indices = order[start:start + batch_size]
             batch = self.collator([shard[i - first] for i in indices])
             output = teacher_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            if output.shape[-1] < self.metadata.vocab_size:
-                raise TeacherCacheError(f"The teacher produced {output.shape[-1]} logits per position but the "
-                                        f"tokenizer has {self.metadata.vocab_size} tokens.")
             valid = (batch["labels"][:, 1:] != IGNORE_INDEX).to(output.device)
             for row, index in enumerate(indices):
-                rows[index] = top_k_rows(output[row, :-1][valid[row]], k=self.metadata.k,
-                                         temperature=self.metadata.temperature, vocab_size=self.metadata.vocab_size)
-        ids, log_probs, log_tail = (torch.cat([rows[i][part] for i in range(first, stop)]) for part in range(3))
-        examples = np.concatenate([np.full(rows[i][0].shape[0], i) for i in range(first, stop)])
-        encoded = encode_rows(ids, log_probs, log_tail, vocab_size=self.metadata.vocab_size,
-                              codec=self.metadata.value_codec)
-        return examples, encoded
+                rows[index] = self._example_rows(output[row, :-1], valid[row])
+        examples = np.concatenate([np.full(self._row_count(rows[i]), i) for i in range(first, stop)])
+        return examples, self._columns([rows[i] for i in range(first, stop)])
 
     def run(self, teacher_fn: TeacherFn, *, batch_size: int = 16, device="cpu",
             progress: bool = True) -> CacheMetadata:
@@ -171,9 +185,9 @@ class TeacherCacheWriter:
                         self.metadata.num_shards)
         for index in tqdm(todo, desc="teacher cache shards", disable=not progress):
             first, stop = index * size, min((index + 1) * size, self.metadata.num_examples)
-            examples, encoded = self._shard_rows(teacher_fn, first, stop, batch_size=batch_size, device=device)
+            examples, columns = self._shard_rows(teacher_fn, first, stop, batch_size=batch_size, device=device)
             path = self.output_dir / shard_file_name(index)
-            data = shard_bytes(examples, encoded, shard_index=index)
+            data = shard_bytes(examples, columns, shard_index=index)
             write_atomically(path, data)
             # Hashed and sized from the bytes just written: no second read of the shard.
             self.metadata.shards.append(ShardRecord(file=path.name, sha256=hashlib.sha256(data).hexdigest(),
