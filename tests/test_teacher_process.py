@@ -193,3 +193,45 @@ def test_distill_script_scores_on_policy_samples_in_a_side_process(tmp_path, cha
     assert not proxy.is_alive() and not psutil.pid_exists(proxy.pid)  # stopped when training ended
     logged = [entry["kd_loss"] for entry in results["kd_log_history"] if "kd_loss" in entry]
     assert len(logged) == 2 and all(value > 0 for value in logged)
+
+
+def test_hidden_state_proxy_ships_final_states_and_its_head(tiny_teacher_dir, teacher, date_dataset, char_tokenizer):
+    """hidden_states=True: d numbers per position cross the process boundary instead of V, the head comes once at
+    start-up, and the fused loss on them is the dense loss on the in-process teacher's logits (float32: 1e-5)."""
+    from kd_llm.losses import distillation_objective
+    from kd_llm.losses.fused import fused_distillation_objective
+    from kd_llm.models.lm_head import HIDDEN_STATE_FORWARD_KWARGS, final_hidden_states, head_of_model
+
+    batch = CausalLMCollator(char_tokenizer.pad_token_id)([date_dataset[i] for i in range(5)])
+    ids, mask, shifted = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
+    student = tiny_llama(89, seed=4)
+    with TeacherProcess(tiny_teacher_dir, num_threads=1, hidden_states=True) as hidden_proxy:
+        assert hidden_proxy.head.sha256 == head_of_model(teacher).sha256
+        assert type(hidden_proxy.get_output_embeddings()) is torch.nn.Linear
+        outputs = hidden_proxy(input_ids=ids, attention_mask=mask, use_cache=False, **HIDDEN_STATE_FORWARD_KWARGS)
+        states = outputs.hidden_states[-1]
+        torch.testing.assert_close(states, final_hidden_states(teacher, ids, mask), rtol=0, atol=1e-6)
+        assert outputs.logits.shape == (5, 1, 89)
+        assert hidden_proxy.bytes_received == ids.numel() * 48 * 4  # float32 [B, T, d], not [B, T, V]
+        hidden_proxy(input_ids=ids, attention_mask=mask)  # the logits path still works
+        assert hidden_proxy.bytes_received == ids.numel() * (48 + 89) * 4
+    student_out = student(input_ids=ids, attention_mask=mask, **HIDDEN_STATE_FORWARD_KWARGS)
+    options = dict(alpha=0.5, loss="reverse_kl", temperature=2.0)
+    fused = fused_distillation_objective(student_out.hidden_states[-1][:, :-1], student.lm_head.weight, shifted,
+                                         states[:, :-1], hidden_proxy.head.weight, **options)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    dense = distillation_objective(student(input_ids=ids, attention_mask=mask).logits[:, :-1], teacher_logits,
+                                   shifted, **options)
+    for name in ("total", "ce", "kd"):
+        torch.testing.assert_close(getattr(fused, name), getattr(dense, name).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_state_proxy_refuses_a_teacher_whose_logits_are_not_its_heads(tmp_path, char_tokenizer):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    CohereForCausalLM(CohereConfig(vocab_size=89, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, logit_scale=0.25)).save_pretrained(
+        tmp_path)
+    with pytest.raises(TeacherProcessError, match="logit_scale"):
+        TeacherProcess(tmp_path, num_threads=1, hidden_states=True)

@@ -21,15 +21,33 @@ from kd_llm.data.sources import build_dataset, load_records
 from kd_llm.models.loading import freeze_teacher, load_model, load_peft_teacher, load_tokenizer
 from kd_llm.models.vocab import reconcile_vocabularies, tokenizer_vocab_size
 from kd_llm.teacher_cache.codec import VALUE_CODECS
+from kd_llm.teacher_cache.hidden_cache import module_hidden_fn, write_hidden_state_cache
+from kd_llm.teacher_cache.hidden_codec import DEFAULT_HIDDEN_DTYPE, HIDDEN_DTYPES
 from kd_llm.teacher_cache.metadata import CacheMetadata, state_dict_sha256, tokenizer_sha256
 from kd_llm.teacher_cache.writer import TeacherFn, module_teacher_fn, write_teacher_cache
+from kd_llm.training.fused_path import checked_teacher_head
 from kd_llm.training.teachers import TeacherEnsemble
 
 logger = logging.getLogger(__name__)
 
 
+CACHE_FORMATS = ("top_k", "hidden_states")
+
+
 @dataclass
 class TeacherCacheArguments:
+    cache_format: str = field(
+        default="top_k",
+        metadata={"help": "Teacher cache: what is stored per supervised position. top_k: the k most likely tokens "
+                          "and a tail mass (smallest: ~10-80 bytes/token; loses the tail). hidden_states: the "
+                          "teacher's final post-norm hidden state (2*d bytes/token in float16), from which its "
+                          "lm_head gives the exact distribution at any temperature and divergence."},
+    )
+    cache_hidden_dtype: str = field(
+        default=DEFAULT_HIDDEN_DTYPE,
+        metadata={"help": f"Teacher cache (hidden_states): storage of each value, one of {', '.join(HIDDEN_DTYPES)} "
+                          "(kd_llm.teacher_cache.hidden_codec; errors measured in benchmarks/README.md)."},
+    )
     cache_k: int = field(default=64, metadata={"help": "Teacher cache: most likely tokens stored per supervised "
                                                          "position (the rest is one tail mass). >= 1."})
     cache_value_codec: str = field(
@@ -47,6 +65,11 @@ class TeacherCacheArguments:
 
     def __post_init__(self):
         problems = []
+        if self.cache_format not in CACHE_FORMATS:
+            problems.append(f"cache_format must be one of {', '.join(CACHE_FORMATS)}, got {self.cache_format!r}")
+        if self.cache_hidden_dtype not in HIDDEN_DTYPES:
+            problems.append(f"cache_hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, got "
+                            f"{self.cache_hidden_dtype!r}")
         if self.cache_k < 1:
             problems.append(f"cache_k must be >= 1, got {self.cache_k}")
         if self.cache_value_codec not in VALUE_CODECS:
@@ -128,6 +151,10 @@ def build_teacher_cache(script_args, config, cache_args: TeacherCacheArguments) 
         raise ValueError("Set teacher_cache: <folder> in the config (or --teacher_cache): where to write the cache, "
                          "and where distill_llm.py will read it.")
     temperature = cache_args.cache_temperature or config.temperature
+    hidden = cache_args.cache_format == "hidden_states"
+    if hidden and getattr(script_args, "extra_teachers", None):
+        raise ValueError("cache_format=hidden_states stores one teacher's hidden state, and an ensemble's target is a "
+                         "mixture of several teachers' distributions: use cache_format=top_k for an ensemble.")
     teacher, tokenizer = load_run_teacher(script_args)
     vocab_size = tokenizer_vocab_size(tokenizer)
     teacher_hash = teacher_fingerprint(teacher)  # before placing: it loads and releases ensemble members
@@ -149,13 +176,20 @@ def build_teacher_cache(script_args, config, cache_args: TeacherCacheArguments) 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     identity = script_args.teacher + "".join(f" + {spec}" for spec in getattr(script_args, "extra_teachers", None)
                                              or [])
+    common = dict(collator=CausalLMCollator(pad_id), teacher=identity, teacher_hash=teacher_hash,
+                  tokenizer_hash=tokenizer_sha256(tokenizer), shard_size=cache_args.cache_shard_size,
+                  batch_size=cache_args.cache_batch_size, device=device, progress=not config.disable_tqdm,
+                  teacher_dtype=str(next(main_model.parameters()).dtype))
+    if hidden:
+        head = checked_teacher_head(main_model, vocab_size)
+        logger.info("Caching %s's final hidden states (d=%d, %s) over %d examples into %s", identity,
+                    head.hidden_size, cache_args.cache_hidden_dtype, len(dataset), config.teacher_cache)
+        return write_hidden_state_cache(module_hidden_fn(main_model), dataset, config.teacher_cache, head=head,
+                                        hidden_dtype=cache_args.cache_hidden_dtype, **common)
     logger.info("Caching %s (k=%d, T=%g, %s) over %d examples into %s", identity, cache_args.cache_k, temperature,
                 cache_args.cache_value_codec, len(dataset), config.teacher_cache)
     return write_teacher_cache(
         teacher_function(teacher, temperature=temperature, vocab_size=vocab_size), dataset, config.teacher_cache,
-        collator=CausalLMCollator(pad_id), teacher=identity, teacher_hash=teacher_hash,
-        tokenizer_hash=tokenizer_sha256(tokenizer), vocab_size=vocab_size, k=cache_args.cache_k,
-        temperature=temperature, value_codec=cache_args.cache_value_codec, shard_size=cache_args.cache_shard_size,
-        batch_size=cache_args.cache_batch_size, device=device, progress=not config.disable_tqdm,
-        teacher_dtype=str(next(main_model.parameters()).dtype),
-    )
+        vocab_size=vocab_size, k=cache_args.cache_k, temperature=temperature,
+        value_codec=cache_args.cache_value_codec, **common)
+

@@ -8,6 +8,13 @@ child process instead ("spawn": a fresh interpreter that shares no memory with t
 answers forward requests over a Pipe: ``input_ids`` and ``attention_mask`` go there, float32 logits for every
 position come back. The teacher's memory moves to that process (or to another device, with ``device=``).
 
+With ``hidden_states=True`` the child sends its lm_head once at start-up (checked: its logits must be
+``softcap(lm_head(h))``, :func:`kd_llm.training.fused_path.checked_teacher_head`) and then answers a forward asked with
+``output_hidden_states`` with the final hidden states only: ``d`` numbers per position instead of ``V`` (576 against
+49,152 for SmolLM2: 1/85 in float32, 1/170 with ``transport_dtype="bfloat16"``). The proxy then exposes that head
+(``get_output_embeddings()``, ``config``), so the trainer's fused path runs on it like on a live teacher: the training
+process applies the lm_head a chunk at a time and never holds ``[B, T, V]`` teacher logits.
+
 What it is not: a module. The proxy has no parameters, hidden states, lm_head or ``generate``; it scores sequences.
 So ``DistillationTrainer`` never freezes, places or saves it, gives the batches it scores the dense loss (the fused
 path reads hidden states and lm_head weights), and refuses it where more is needed (seq_kd, feature terms, several
@@ -33,6 +40,9 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
+from kd_llm.losses.fused import soft_cap
+
+TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 _POLL_SECONDS = 0.5  # how often a waiting parent checks that the child is alive (poll returns at once on an answer)
 _STOP_SECONDS = 10.0  # how long close() waits for the child to stop before terminating it
 
@@ -51,6 +61,7 @@ class TeacherInfo:
     parameters: int
     dtype: str
     device: str
+    head: object = None  # hidden_states=True: the teacher's kd_llm.models.lm_head.TeacherHead (weights on CPU)
 
 
 def _embedding_rows(model, which: str) -> int | None:
@@ -60,12 +71,15 @@ def _embedding_rows(model, which: str) -> int | None:
 
 
 def _serve(connection, spec: str, adapter: str | None, trust_remote_code: bool, dtype: str, device: str,
-           num_threads: int | None) -> None:
-    """The child: load and freeze the teacher, report it, then answer ``(input_ids, attention_mask)`` requests with
-    float32 logits until told to stop (None) or until the parent's end of the Pipe closes."""
+           num_threads: int | None, hidden_states: bool = False, transport_dtype: str = "float32") -> None:
+    """The child: load and freeze the teacher, report it, then answer ``(input_ids, attention_mask, hidden)``
+    requests with float32 logits (or, when ``hidden``, final hidden states in ``transport_dtype``) until told to stop
+    (None) or until the parent's end of the Pipe closes."""
     try:
+        from kd_llm.models.lm_head import HIDDEN_STATE_FORWARD_KWARGS
         from kd_llm.models.loading import freeze_teacher, load_model, load_peft_teacher
         from kd_llm.teacher_cache.metadata import state_dict_sha256
+        from kd_llm.training.fused_path import checked_teacher_head
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -77,10 +91,12 @@ def _serve(connection, spec: str, adapter: str | None, trust_remote_code: bool, 
             model = load_model(spec, dtype=weights_dtype, trust_remote_code=trust_remote_code)
         model = freeze_teacher(model)
         rows = {which: _embedding_rows(model, which) for which in ("input", "output")}
+        head = checked_teacher_head(model) if hidden_states else None  # refused here, with the reason, if it can't
         info = TeacherInfo(config=model.config, embedding_rows=rows, weights_hash=state_dict_sha256(model),
                            parameters=sum(p.numel() for p in model.parameters()),
-                           dtype=str(next(model.parameters()).dtype), device=device)
+                           dtype=str(next(model.parameters()).dtype), device=device, head=head)
         model.to(device)
+        wire_dtype = getattr(torch, transport_dtype)
     except BaseException:  # noqa: BLE001 -- whatever it is, the parent must hear it rather than wait
         connection.send(("error", traceback.format_exc()))
         connection.close()
@@ -94,10 +110,15 @@ def _serve(connection, spec: str, adapter: str | None, trust_remote_code: bool, 
         if request is None:
             break
         try:
-            input_ids, attention_mask = request
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                           use_cache=False).logits
-            answer = ("logits", logits.float().cpu())
+            input_ids, attention_mask, hidden = request
+            if hidden:
+                outputs = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                use_cache=False, **HIDDEN_STATE_FORWARD_KWARGS)
+                answer = ("hidden", outputs.hidden_states[-1].to(wire_dtype).cpu())
+            else:
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                               use_cache=False).logits
+                answer = ("logits", logits.float().cpu())
         except Exception:  # noqa: BLE001 -- reported; the child keeps serving
             answer = ("error", traceback.format_exc())
         try:
@@ -135,6 +156,10 @@ class TeacherProcess:
         dtype: the teacher's weights dtype in the child ("float32", "bfloat16", ...).
         device: where the child runs it ("cpu", "cuda:1", ...).
         num_threads: torch CPU threads in the child (None: torch's default).
+        hidden_states: the child also answers with final hidden states (``output_hidden_states=...``), and sends its
+            lm_head once, so the trainer's fused loss can run on it. Refused at start-up, with the reason, for a
+            teacher whose logits are not ``softcap(lm_head(h))``.
+        transport_dtype: dtype of the hidden states on the wire ("float32": exact; "bfloat16": half the bytes).
         startup_timeout / request_timeout: seconds to wait for loading / one answer (None: no limit; a dead child
             is noticed anyway).
     """
@@ -142,18 +167,24 @@ class TeacherProcess:
     def __init__(self, spec: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
                  trust_remote_code: bool = False, dtype: str | torch.dtype = "float32", device: str = "cpu",
                  num_threads: int | None = None, startup_timeout: float | None = 900.0,
-                 request_timeout: float | None = 600.0):
+                 request_timeout: float | None = 600.0, hidden_states: bool = False,
+                 transport_dtype: str = "float32"):
+        if transport_dtype not in TRANSPORT_DTYPES:
+            raise ValueError(f"transport_dtype must be one of {', '.join(TRANSPORT_DTYPES)}, got {transport_dtype!r}.")
         self.spec, self.request_timeout = str(spec), request_timeout
+        self.ships_hidden_states = hidden_states
         context = multiprocessing.get_context("spawn")
         self._connection, child_end = context.Pipe()
         self._process = context.Process(
             target=_serve, name=f"kd_llm-teacher:{self.spec}", daemon=True,
             args=(child_end, self.spec, None if adapter is None else str(adapter), trust_remote_code,
-                  str(dtype).removeprefix("torch."), str(device), num_threads))
+                  str(dtype).removeprefix("torch."), str(device), num_threads, hidden_states, transport_dtype))
         self._process.start()
         child_end.close()  # the child holds it now; the parent keeping it would hide the child's death from recv
         self._finalizer = weakref.finalize(self, _stop_child, self._process, self._connection)
         self.requests = 0  # forward passes answered
+        self.bytes_received = 0  # payload bytes of the answers (logits or hidden states), for the benchmarks
+        self._output_embeddings = None
         try:
             self.info: TeacherInfo = self._receive(startup_timeout, f"loading the teacher {self.spec!r}")
         except BaseException:
@@ -184,21 +215,49 @@ class TeacherProcess:
 
     # -- scoring ---------------------------------------------------------------------------------------------------
 
+    @property
+    def head(self):
+        """The teacher's :class:`~kd_llm.models.lm_head.TeacherHead` (``hidden_states=True`` only, else None)."""
+        return self.info.head
+
+    def get_output_embeddings(self):
+        """The teacher's lm_head as a frozen ``nn.Linear`` (``hidden_states=True``), what the fused path reads."""
+        if self.info.head is None:
+            return None
+        if self._output_embeddings is None:
+            self._output_embeddings = self.info.head.as_linear()
+        return self._output_embeddings
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 use_cache: bool | None = None, **unsupported) -> CausalLMOutput:
-        if unsupported:
-            raise TypeError(f"The side-process teacher returns logits only; it does not take {sorted(unsupported)}.")
+                 use_cache: bool | None = None, output_hidden_states=None, logits_to_keep: int = 0,
+                 **unsupported) -> CausalLMOutput:
+        """Logits ``[B, T, V]``; with ``output_hidden_states`` (``hidden_states=True`` only) the final hidden states
+        ``hidden_states=(h,)`` come over the wire, and the logits of the last ``logits_to_keep`` positions (all for
+        0) are computed here from them and the head."""
+        if unsupported or (output_hidden_states and self.info.head is None):
+            asked = sorted(unsupported) or ["output_hidden_states"]
+            raise TypeError(f"The side-process teacher returns logits only; it does not take {asked}"
+                            + ("" if unsupported else ": start it with TeacherProcess(..., hidden_states=True)."))
         if not self._finalizer.alive:
             raise TeacherProcessError(f"The teacher process ({self.spec}) is closed.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        hidden = bool(output_hidden_states)
         try:
-            self._connection.send((input_ids.detach().cpu(), attention_mask.detach().cpu()))
+            self._connection.send((input_ids.detach().cpu(), attention_mask.detach().cpu(), hidden))
         except OSError as error:  # a broken Pipe: the child is gone
             raise self._gone("scoring a batch") from error
-        logits = self._receive(self.request_timeout, "scoring a batch")
+        payload = self._receive(self.request_timeout, "scoring a batch")
         self.requests += 1
-        return CausalLMOutput(logits=logits.to(input_ids.device))
+        self.bytes_received += payload.numel() * payload.element_size()
+        if not hidden:
+            return CausalLMOutput(logits=payload.to(input_ids.device))
+        states = payload.to(input_ids.device, torch.float32)
+        head = self.info.head
+        kept = states[:, -logits_to_keep:] if logits_to_keep else states
+        with torch.no_grad():
+            logits = soft_cap(kept @ head.weight.to(kept.device).T, head.softcap)
+        return CausalLMOutput(logits=logits, hidden_states=(states,))
 
     def _receive(self, timeout: float | None, doing: str):
         deadline = None if timeout is None else time.monotonic() + timeout
