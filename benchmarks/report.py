@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR  # noqa: E402
+from benchmarks.run import LIMITS, limit_of  # noqa: E402
 
 MIB = 2**20
 
@@ -28,11 +29,11 @@ def throughput_table(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name in cpu["ratio_to_limit"]:
-        limit_key = "cache (ce_step)" if "cache" in name else "kd (teacher_forward + ce_step)"
+        limit_key = limit_of(name)
         lines.append(f"| {name} | {cpu['median_s'][name]:.2f} | {cpu['steps_per_s'][name]:.3f} | "
                      f"{cpu['tokens_per_s'][name]:,.0f} | {cpu['limit_s'][limit_key]:.2f} s ({limit_key}) | "
                      f"**{cpu['ratio_to_limit'][name]:.3f}** | {wall['ratio_to_limit'][name]:.3f} |")
-    for name in ("teacher_forward", "ce_step"):
+    for name in [n for n in LIMITS if n in cpu["median_s"]]:
         lines.append(f"| {name} | {cpu['median_s'][name]:.2f} | | "
                      + (f"{cpu['tokens_per_s'][name]:,.0f}" if name in cpu["tokens_per_s"] else "") + " | | | |")
     loads = result["machine"].get("load_average_1min_per_round", [])

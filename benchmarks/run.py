@@ -14,9 +14,14 @@ variant once, in a shuffled order, so that a change in the machine's load hits a
   another cache implementation, add a branch to :func:`cache_targets` and :func:`cache_step`.
 - ``fused_cache_kd``: the cache path through the fused loss (``kd_llm.losses.fused_sparse``: student hidden states
   + lm_head weight, chunked), as ``DistillationTrainer`` runs it with ``fused_loss`` on;
+- ``hidden_cache_kd``: student step against the hidden-state teacher cache (``kd_llm.teacher_cache.hidden_cache``):
+  the batch's stored teacher states (float16, ``encode_hidden``) are decoded in every step and scored with the
+  teacher's lm_head by ``kd_llm.losses.fused_hidden`` (exact, any T and divergence);
 - the limits: ``teacher_forward`` (no grad, as the model's plain forward) and ``ce_step`` (a plain supervised
   fine-tuning step of the student: forward with ``labels``, Transformers' own cross-entropy, backward, AdamW).
-  limit(dense/fused) = teacher_forward + ce_step; limit(cache) = ce_step.
+  limit(dense/fused) = teacher_forward + ce_step; limit(cache) = ce_step; limit(hidden cache) = ce_step +
+  ``teacher_head`` (the teacher lm_head's matmuls on the supervised rows, chunked as the fused loss does them:
+  the work the stored states leave to do).
 
 Every step ends with AdamW on the student. Times are the process's CPU time (``time.process_time``) and wall time;
 on a machine shared with other jobs the CPU time is the steadier measure of the work a step does (it excludes the
@@ -51,8 +56,18 @@ PRESETS = {
                  num_key_value_heads=2, teacher_layers=2, student_layers=1, batch=2, length=32),
 }
 ALPHA, TEMPERATURE, TOP_K, CACHE_CODEC = 0.5, 2.0, 64, "sqrt_uint8"
-VARIANTS = ("dense_kd", "fused_kd", "cache_kd", "fused_cache_kd", "teacher_forward", "ce_step")
-KD_PATHS = ("dense_kd", "fused_kd", "cache_kd", "fused_cache_kd")
+VARIANTS = ("dense_kd", "fused_kd", "cache_kd", "fused_cache_kd", "hidden_cache_kd", "teacher_forward", "ce_step",
+            "teacher_head")
+KD_PATHS = ("dense_kd", "fused_kd", "cache_kd", "fused_cache_kd", "hidden_cache_kd")
+LIMITS = ("teacher_forward", "ce_step", "teacher_head")
+HIDDEN_DTYPE = "float16"
+
+
+def limit_of(name: str) -> str:
+    """The limit a KD path is measured against (the key in the summary's limit_s)."""
+    if name == "hidden_cache_kd":
+        return "hidden cache (ce_step + teacher_head)"
+    return "cache (ce_step)" if "cache" in name else "kd (teacher_forward + ce_step)"
 
 
 def build_model(preset: dict, layers: int, seed: int) -> LlamaForCausalLM:
@@ -147,6 +162,29 @@ def make_steps(teacher, student, optimizer, batch: dict, cache_kind: str, chunk_
     def cache_kd():
         finish(cache_step(cache_kind, student, targets, batch, num_items))
 
+    from kd_llm.losses.fused import default_chunk_rows
+    from kd_llm.losses.fused_hidden import fused_hidden_distillation_objective
+    from kd_llm.teacher_cache.hidden_codec import decode_hidden, encode_hidden
+
+    valid = labels != -100
+    with torch.no_grad():
+        stored = encode_hidden(teacher(**inputs, **FUSED_FORWARD_KWARGS).hidden_states[-1][:, :-1][valid],
+                               HIDDEN_DTYPE)
+    rows = chunk_size or default_chunk_rows(teacher.lm_head.weight.shape[0])
+
+    def hidden_cache_kd():
+        states = decode_hidden(stored["hidden"], stored.get("scale"), HIDDEN_DTYPE)
+        student_hidden = student(**inputs, **FUSED_FORWARD_KWARGS).hidden_states[-1][:, :-1]
+        finish(fused_hidden_distillation_objective(
+            student_hidden, student.lm_head.weight, labels, states, teacher.lm_head.weight, alpha=ALPHA,
+            temperature=TEMPERATURE, num_items_in_batch=num_items, chunk_size=chunk_size).total)
+
+    def teacher_head():
+        states = decode_hidden(stored["hidden"], stored.get("scale"), HIDDEN_DTYPE)
+        with torch.no_grad():
+            for start in range(0, states.shape[0], rows):
+                states[start:start + rows] @ teacher.lm_head.weight.T
+
     def fused_cache_kd():
         finish(cache_step(cache_kind, student, targets, batch, num_items, fused=True, chunk_size=chunk_size))
 
@@ -158,7 +196,8 @@ def make_steps(teacher, student, optimizer, batch: dict, cache_kind: str, chunk_
         finish(student(**inputs, labels=batch["labels"]).loss)
 
     steps = {"dense_kd": dense_kd, "fused_kd": fused_kd, "cache_kd": cache_kd, "fused_cache_kd": fused_cache_kd,
-             "teacher_forward": teacher_forward, "ce_step": ce_step}
+             "hidden_cache_kd": hidden_cache_kd, "teacher_forward": teacher_forward, "ce_step": ce_step,
+             "teacher_head": teacher_head}
     if cache_kind == "logits":
         del steps["fused_cache_kd"]
     return steps
@@ -174,15 +213,16 @@ def summarise(times: dict, tokens: int) -> dict:
     out = {}
     for clock in ("cpu", "wall"):
         med = {name: median([t[clock] for t in runs]) for name, runs in times.items()}
-        limit = med["teacher_forward"] + med["ce_step"]
+        limits = {"kd (teacher_forward + ce_step)": med.get("teacher_forward", 0.0) + med["ce_step"],
+                  "cache (ce_step)": med["ce_step"],
+                  "hidden cache (ce_step + teacher_head)": med["ce_step"] + med.get("teacher_head", 0.0)}
         paths = [name for name in KD_PATHS if name in med]
         out[clock] = {
             "median_s": {name: round(value, 4) for name, value in med.items()},
             "steps_per_s": {name: round(1 / med[name], 4) for name in paths + ["ce_step"]},
             "tokens_per_s": {name: round(tokens / med[name], 1) for name in paths + ["ce_step"]},
-            "limit_s": {"kd (teacher_forward + ce_step)": round(limit, 4), "cache (ce_step)": round(med["ce_step"], 4)},
-            "ratio_to_limit": {name: round(med[name] / (med["ce_step"] if "cache" in name else limit), 3)
-                               for name in paths},
+            "limit_s": {key: round(value, 4) for key, value in limits.items()},
+            "ratio_to_limit": {name: round(med[name] / limits[limit_of(name)], 3) for name in paths},
         }
     return out
 
@@ -197,6 +237,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk-size", type=int, default=0, help="fused loss rows per chunk (0: the default)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="comma-separated variants to time (default: all); the limits "
+                                                     "they are compared with are always timed")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,6 +248,12 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     batch = make_batch(preset, args.seed)
     steps = make_steps(teacher, student, optimizer, batch, args.cache, args.chunk_size or None)
+    if args.only:
+        wanted = set(args.only.split(",")) | set(LIMITS)
+        unknown = wanted - set(steps)
+        if unknown:
+            raise SystemExit(f"--only: unknown variants {sorted(unknown)}; choose from {', '.join(steps)}")
+        steps = {name: step for name, step in steps.items() if name in wanted}
     tokens = batch["input_ids"].numel()
     times = {name: [] for name in steps}
     loads = []

@@ -219,3 +219,29 @@ def test_metadata_records_the_head(hidden_dir, teacher):
     assert values["head_hash"] == head.sha256 and values["head_tied"] is False and values["head_softcap"] is None
     assert values["vocab_size"] == 89 and values["hidden_size"] == 48 and values["complete"] is True
     assert values["bytes_per_supervised_token"] <= 4 * 48 + 16
+
+
+# ---------------------------------------------------------------- the cache script
+
+
+def test_cache_script_writes_a_hidden_state_cache_and_refuses_an_ensemble(tmp_path, tiny_teacher_dir):
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    sys.path.insert(0, str(scripts))
+    import cache_teacher
+
+    common = ["--config", str(scripts.parent / "configs" / "date_cached_teacher.yaml"), "--teacher",
+              str(tiny_teacher_dir), "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "o"),
+              "--train_size", "12", "--transfer_size", "0", "--disable_tqdm", "true", "--use_cpu", "true",
+              "--cache_format", "hidden_states", "--cache_hidden_dtype", "bfloat16"]
+    metadata = cache_teacher.main([*common, "--cache_shard_size", "5"])
+    assert metadata.complete and metadata.payload == "hidden_states" and metadata.hidden_dtype == "bfloat16"
+    assert len(metadata.shards) == 3 and metadata.hidden_size == 48 and metadata.k == 0
+    assert metadata.total_bytes / metadata.supervised_tokens <= 2 * 48 + 16
+    with pytest.raises(ValueError, match="an ensemble's target is a mixture"):
+        cache_teacher.main([*common, "--teacher_cache", str(tmp_path / "c2"), "--extra_teachers",
+                            str(tiny_teacher_dir)])
+    with pytest.raises(ValueError, match="cache_format must be one of"):
+        cache_teacher.main([*common, "--cache_format", "logits"])

@@ -25,7 +25,7 @@ from kd_llm.teacher_cache.hidden_cache import module_hidden_fn, write_hidden_sta
 from kd_llm.teacher_cache.hidden_codec import DEFAULT_HIDDEN_DTYPE, HIDDEN_DTYPES
 from kd_llm.teacher_cache.metadata import CacheMetadata, state_dict_sha256, tokenizer_sha256
 from kd_llm.teacher_cache.writer import TeacherFn, module_teacher_fn, write_teacher_cache
-from kd_llm.training.fused_path import checked_teacher_head
+from kd_llm.training.teacher_head import checked_teacher_head
 from kd_llm.training.teachers import TeacherEnsemble
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from kd_llm.losses import LossComponents
 from kd_llm.losses.fused import fused_distillation_objective, soft_cap
 from kd_llm.losses.fused_sparse import fused_sparse_distillation_objective
-from kd_llm.models.lm_head import TeacherHead, TeacherHeadError, head_of_model
 
 logger = logging.getLogger(__name__)
 
@@ -111,22 +110,6 @@ def probe_head(model: nn.Module, head: OutputHead, *, half_precision: bool = Fal
         return (f"{type(model).__name__}'s logits are not soft_cap(lm_head(last hidden state)) (max difference "
                 f"{difference:.3g}): the model post-processes its logits in a way the fused loss does not know")
     return None
-
-
-def checked_teacher_head(model: nn.Module, vocab_size: int | None = None) -> TeacherHead:
-    """The head of a loaded teacher whose hidden states stand in for its logits (a hidden-state cache, a side process
-    shipping hidden states), after checking that its logits are softcap(head(final hidden state)): by its config
-    (:func:`kd_llm.models.lm_head.head_of_model`) and numerically, on a few tokens (:func:`probe_head`)."""
-    head = head_of_model(model)
-    problem = probe_head(model, OutputHead(head.weight, None, head.softcap),
-                         half_precision=head.weight.dtype != torch.float32)
-    if problem is not None:
-        raise TeacherHeadError(f"The teacher's hidden states cannot stand in for its logits: {problem}. Use the "
-                               "top-k teacher cache (cache_format: top_k) or the teacher's logits.")
-    if vocab_size is not None and head.vocab_size < vocab_size:
-        raise TeacherHeadError(f"The teacher's lm_head has {head.vocab_size} rows but its tokenizer {vocab_size} "
-                               "tokens.")
-    return head
 
 
 def fused_path_blockers(trainer) -> list[str]:

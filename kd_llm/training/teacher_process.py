@@ -9,7 +9,7 @@ answers forward requests over a Pipe: ``input_ids`` and ``attention_mask`` go th
 position come back. The teacher's memory moves to that process (or to another device, with ``device=``).
 
 With ``hidden_states=True`` the child sends its lm_head once at start-up (checked: its logits must be
-``softcap(lm_head(h))``, :func:`kd_llm.training.fused_path.checked_teacher_head`) and then answers a forward asked with
+``softcap(lm_head(h))``, :func:`kd_llm.training.teacher_head.checked_teacher_head`) and then answers a forward asked with
 ``output_hidden_states`` with the final hidden states only: ``d`` numbers per position instead of ``V`` (576 against
 49,152 for SmolLM2: 1/85 in float32, 1/170 with ``transport_dtype="bfloat16"``). The proxy then exposes that head
 (``get_output_embeddings()``, ``config``), so the trainer's fused path runs on it like on a live teacher: the training
@@ -79,7 +79,7 @@ def _serve(connection, spec: str, adapter: str | None, trust_remote_code: bool, 
         from kd_llm.models.lm_head import HIDDEN_STATE_FORWARD_KWARGS
         from kd_llm.models.loading import freeze_teacher, load_model, load_peft_teacher
         from kd_llm.teacher_cache.metadata import state_dict_sha256
-        from kd_llm.training.fused_path import checked_teacher_head
+        from kd_llm.training.teacher_head import checked_teacher_head
 
         if num_threads:
             torch.set_num_threads(num_threads)
