@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
     head = load_teacher_head(args.teacher)  # from the folder's safetensors: the head alone
     vocab = tokenizer_vocab_size(tokenizer)
     dataset = build_dataset(load_records("date_arithmetic", size=args.examples, seed=args.seed,
-                                         prompt_style=args.prompt_style), tokenizer)
+                                         prompt_style=args.prompt_style), tokenizer,
+                            use_chat_template=tokenizer.chat_template is not None)  # Gemma-3-270M base: none
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = CausalLMCollator(pad)
     texts = tokenizer.batch_decode(dataset["input_ids"][:4], skip_special_tokens=True)

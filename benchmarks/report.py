@@ -69,12 +69,37 @@ def memory_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def hidden_cache_table(result: dict) -> str:
+    """Bytes per supervised token and error against the dense loss, per format, divergence and temperature."""
+    cells = [key for key in result["rows"][0] if key.startswith("T=")]
+    cells += [key for row in result["rows"] for key in row if key.startswith("T=") and key not in cells]
+    lines = [f"`{result['teacher']}` (V = {result['vocab_size']:,}, d = {result['hidden_size']}, soft cap "
+             f"{result['head_softcap']}), student `{result['student']}`, {result['examples']} examples, "
+             f"{result['supervised_tokens']:,} supervised tokens; goal: <= 0.1% at <= 2·d + 16 = "
+             f"{result['goal_bytes_per_token']} bytes/token.", "",
+             "| format | bytes/token | " + " | ".join(cells) + " |", "|---|---|" + "---|" * len(cells)]
+    for row in result["rows"]:
+        values = [f"{row[c]['error_pct']:+.4f}%" if c in row else "" for c in cells]
+        lines.append(f"| {row['format']} | {row['bytes_per_token']:,.1f} | " + " | ".join(values) + " |")
+    dense = result["rows"][0]
+    lines += ["", "Dense loss: " + ", ".join(f"{c} {dense[c]['dense']:.4g}" for c in cells if c in dense) + "."]
+    side = result.get("side_process_bytes_per_token")
+    if side:
+        lines += ["", "Side-process teacher, bytes per token received: " + ", ".join(
+            f"{name} {value:,.0f}" for name, value in side.items()) + "."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--throughput", type=Path, default=RESULTS_DIR / "throughput_smollm2.json")
     parser.add_argument("--memory", type=Path, default=RESULTS_DIR / "loss_memory_cpu.json")
+    parser.add_argument("--hidden_cache", type=Path, nargs="*",
+                        default=sorted(RESULTS_DIR.glob("hidden_cache_*.json")))
     args = parser.parse_args(argv)
-    for path, render in ((args.throughput, throughput_table), (args.memory, memory_table)):
+    renders = [(args.throughput, throughput_table), (args.memory, memory_table),
+               *((path, hidden_cache_table) for path in args.hidden_cache)]
+    for path, render in renders:
         if path.is_file():
             print(f"<!-- from {path.name} -->")
             print(render(json.loads(path.read_text())))
