@@ -160,18 +160,23 @@ def queries_and_keys(query: Tensor, key: Tensor, geometry: AttentionGeometry,
     return query_states, key_states
 
 
-def allowed_keys(key_valid: Tensor, start: int, stop: int, sliding_window: int | None = None) -> Tensor:
-    """``[B, 1, rows, stop]`` boolean mask for query rows ``start:stop``: causal, not padding, inside the window."""
+def allowed_keys(key_valid: Tensor, start: int, stop: int, sliding_window: int | None = None,
+                 segments: Tensor | None = None) -> Tensor:
+    """``[B, 1, rows, stop]`` boolean mask for query rows ``start:stop``: causal, not padding, inside the window,
+    and (packed rows, ``segments`` ``[B, T]`` example ids) inside the query's own example."""
     rows = torch.arange(start, stop, device=key_valid.device)[:, None]
     keys = torch.arange(stop, device=key_valid.device)[None, :]
     allowed = keys <= rows
     if sliding_window is not None:
         allowed = allowed & (rows - keys < sliding_window)
-    return allowed[None, None] & key_valid[:, None, None, :stop].bool()
+    allowed = allowed[None, None] & key_valid[:, None, None, :stop].bool()
+    if segments is not None:
+        allowed = allowed & (segments[:, None, start:stop, None] == segments[:, None, None, :stop])
+    return allowed
 
 
 def attention_log_probs(query: Tensor, key: Tensor, geometry: AttentionGeometry, key_valid: Tensor,
-                        start: int, stop: int) -> Tensor:
+                        start: int, stop: int, segments: Tensor | None = None) -> Tensor:
     """Per-head log attention ``[B, H, stop - start, stop]`` of query rows ``start:stop`` over keys ``0:stop``;
     query ``[B, H, T, D]`` and key ``[B, H_kv, T, D]`` as from :func:`queries_and_keys`."""
     batch, heads, _, dim = query.shape
@@ -182,7 +187,7 @@ def attention_log_probs(query: Tensor, key: Tensor, geometry: AttentionGeometry,
     if geometry.softcap is not None:
         scores = torch.tanh(scores / geometry.softcap) * geometry.softcap
     scores = scores.reshape(batch, heads, stop - start, stop)
-    scores = scores.masked_fill(~allowed_keys(key_valid, start, stop, geometry.sliding_window), _MASKED)
+    scores = scores.masked_fill(~allowed_keys(key_valid, start, stop, geometry.sliding_window, segments), _MASKED)
     return torch.log_softmax(scores, dim=-1)
 
 
@@ -214,17 +219,18 @@ def _chunked_row_sum(block_fn, tensors: tuple[Tensor, ...], length: int, chunk: 
 
 def head_mean_attention_kl(student_qk: tuple[Tensor, Tensor], teacher_qk: tuple[Tensor, Tensor],
                            student_geometry: AttentionGeometry, teacher_geometry: AttentionGeometry,
-                           attention_mask: Tensor, query_chunk: int) -> Tensor:
+                           attention_mask: Tensor, query_chunk: int, segments: Tensor | None = None) -> Tensor:
     """Sum over valid query rows of KL(teacher's head-averaged map || student's), float32 scalar.
 
     ``*_qk`` are ``(queries, keys)`` from :func:`queries_and_keys`; ``attention_mask`` ``[B, T]`` marks valid tokens,
-    which select both the keys a row may attend to and the rows that count."""
+    which select both the keys a row may attend to and the rows that count; ``segments`` (packed rows) keeps each
+    row's keys inside its own example."""
     valid = attention_mask.bool()
 
     def block(s_q, s_k, t_q, t_k, start, stop):
         with torch.no_grad():
-            teacher = _head_mean(attention_log_probs(t_q, t_k, teacher_geometry, valid, start, stop))
-        student = _head_mean(attention_log_probs(s_q, s_k, student_geometry, valid, start, stop))
+            teacher = _head_mean(attention_log_probs(t_q, t_k, teacher_geometry, valid, start, stop, segments))
+        student = _head_mean(attention_log_probs(s_q, s_k, student_geometry, valid, start, stop, segments))
         return (_row_kl(teacher, student) * valid[:, start:stop]).sum()
 
     return _chunked_row_sum(block, (*student_qk, *teacher_qk), attention_mask.shape[1], query_chunk)
@@ -255,7 +261,8 @@ def check_relation_heads(relation_heads: int, widths: dict[str, tuple[int, int, 
 
 
 def relation_attention_kl(student_qkv: tuple[Tensor, Tensor, Tensor], teacher_qkv: tuple[Tensor, Tensor, Tensor],
-                          attention_mask: Tensor, relation_heads: int, query_chunk: int) -> Tensor:
+                          attention_mask: Tensor, relation_heads: int, query_chunk: int,
+                          segments: Tensor | None = None) -> Tensor:
     """MiniLMv2 self-relation distillation: for X in (Q, K, V) (raw projections ``[B, T, width]``, widths may differ
     between the models), split X into ``relation_heads`` slices, take ``softmax(X_r X_r^T / sqrt(d_r))`` under the
     causal and padding mask, and sum KL(teacher || student) over valid query rows; averaged over the three relations
@@ -268,7 +275,7 @@ def relation_attention_kl(student_qkv: tuple[Tensor, Tensor, Tensor], teacher_qk
         def block(s_x, t_x, start, stop):
             def log_relation(x):
                 scores = (x[:, :, start:stop] @ x[:, :, :stop].transpose(-1, -2)) / sqrt(x.shape[-1])
-                scores = scores.masked_fill(~allowed_keys(valid, start, stop), _MASKED)
+                scores = scores.masked_fill(~allowed_keys(valid, start, stop, segments=segments), _MASKED)
                 return torch.log_softmax(scores, dim=-1)
 
             with torch.no_grad():

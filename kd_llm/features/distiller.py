@@ -99,7 +99,8 @@ class FeatureDistiller:
                               attention_layers=[pair[index] for pair in self.attention_pairs], role=role)
 
     def terms(self, student: CapturedFeatures, teacher: CapturedFeatures, attention_mask: Tensor,
-              normaliser: Tensor | float, *, expect_grad: bool = False) -> FeatureTerms:
+              normaliser: Tensor | float, *, expect_grad: bool = False,
+              segments: Tensor | None = None) -> FeatureTerms:
         """The hidden-state and attention terms for one batch.
 
         Args:
@@ -107,6 +108,8 @@ class FeatureDistiller:
             attention_mask: ``[B, T]``, 1 for real tokens.
             normaliser: valid tokens of the whole accumulated batch (>= 1).
             expect_grad: the student is training; its captured features must then carry gradients.
+            segments: ``[B, T]`` long, which example each token attends within (-1: padding) for packed rows
+                (kd_llm.data.packing); None: one example per row.
         """
         valid = attention_mask.bool()
         terms = FeatureTerms()
@@ -126,14 +129,15 @@ class FeatureDistiller:
                 if self.attention_loss == "relation":
                     parts.append(relation_attention_kl((s_in.query, s_in.key, s_in.value),
                                                        (t_in.query, t_in.key, t_in.value), attention_mask,
-                                                       self.relation_heads[(s, t)], self.query_chunk))
+                                                       self.relation_heads[(s, t)], self.query_chunk,
+                                                       segments=segments))
                 else:
                     s_qk = queries_and_keys(s_in.query, s_in.key, s_in.geometry, s_in.position_embeddings,
                                             f"student layer {s}")
                     t_qk = queries_and_keys(t_in.query, t_in.key, t_in.geometry, t_in.position_embeddings,
                                             f"teacher layer {t}")
                     parts.append(head_mean_attention_kl(s_qk, t_qk, s_in.geometry, t_in.geometry, attention_mask,
-                                                        self.query_chunk))
+                                                        self.query_chunk, segments=segments))
             terms.attention = torch.stack(parts).mean() / normaliser
         return terms
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from kd_llm.data.packing import OVERLONG_CHOICES
 from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
 from kd_llm.teacher_cache.training import teacher_cache_config_problems
@@ -165,6 +166,24 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Tokens per chunk of the fused loss (>= 0). 0: about 2^22 logits per chunk, at least 64 "
                           "tokens (85 at a 49,152 vocabulary, 64 at 262,144). Memory grows with it; results do not."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Padding-free batches (kd_llm.data.packing): each micro-batch's examples are packed "
+                          "best-fit into rows of up to packing_max_length tokens, position_ids restart at every "
+                          "example and no token attends across examples; the loss and gradients equal the padded "
+                          "batch's. Saves the padding compute of student and teacher on mixed lengths. Needs sdpa, "
+                          "eager or flex attention."},
+    )
+    packing_max_length: int = field(
+        default=0,
+        metadata={"help": "Longest packed row in tokens (>= 0). 0: the micro-batch's longest example (never more "
+                          "tokens than padding); larger rows hold more examples each, fewer rows."},
+    )
+    packing_overlong: str = field(
+        default="error",
+        metadata={"help": "An example longer than packing_max_length: error (stop, naming it) or truncate (cut to "
+                          "packing_max_length tokens). Never split across rows."},
+    )
     # Extra columns (the cache index) must reach the collator; kd_llm's collator ignores the rest.
     remove_unused_columns: bool = field(
         default=False,
@@ -216,7 +235,29 @@ class DistillationConfig(TrainingArguments):
             problems.append(f"fused_loss must be one of {', '.join(FUSED_LOSS_CHOICES)}, got {self.fused_loss!r}")
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
             problems.append(f"loss_chunk_size must be an integer >= 0 (0: automatic), got {self.loss_chunk_size!r}")
+        problems.extend(packing_config_problems(self))
         problems.extend(feature_config_problems(self))
         problems.extend(teacher_cache_config_problems(self))
         if problems:
             raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")
+
+
+def packing_config_problems(config) -> list[str]:
+    """The packing settings, and the sources of teacher targets that cannot read packed rows yet."""
+    problems = []
+    if not isinstance(config.packing_max_length, int) or config.packing_max_length < 0:
+        problems.append(f"packing_max_length must be an integer >= 0 (0: the longest example of the micro-batch), "
+                        f"got {config.packing_max_length!r}")
+    if config.packing_overlong not in OVERLONG_CHOICES:
+        problems.append(f"packing_overlong must be one of {', '.join(OVERLONG_CHOICES)}, got "
+                        f"{config.packing_overlong!r}")
+    if not config.packing:
+        return problems
+    unsupported = [name for name, on in (("lmbda > 0", config.lmbda > 0), ("seq_kd", config.seq_kd),
+                                         ("precompute_teacher_logits", config.precompute_teacher_logits),
+                                         ("teacher_cache", bool(config.teacher_cache))) if on]
+    if unsupported:
+        problems.append(f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets "
+                        "and generated completions are laid out per padded example): set packing=False, or use "
+                        "group_by_length=True to cut padding instead")
+    return problems

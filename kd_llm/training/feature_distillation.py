@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from kd_llm.data.packing import PACKED_EXAMPLE_KEY, model_inputs, token_segments, valid_tokens
 from kd_llm.features import FeatureDistiller, FeatureTerms
 
 
@@ -61,8 +62,7 @@ class FeatureDistillationMixin:
         summed across processes exactly when Trainer sums its own count."""
         num_items = super()._get_num_items_in_batch(batch_samples, device)
         if self.feature_distiller is not None and batch_samples:
-            count = sum((batch["attention_mask"].sum() if batch.get("attention_mask") is not None
-                         else torch.tensor(batch["input_ids"].numel())) for batch in batch_samples)
+            count = sum(valid_tokens(batch, batch.get(PACKED_EXAMPLE_KEY)).sum() for batch in batch_samples)
             count = count.to(device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 count = self.accelerator.gather(count).sum()
@@ -75,25 +75,24 @@ class FeatureDistillationMixin:
             return contextlib.nullcontext(None)
         return self.feature_distiller.capture(self.accelerator.unwrap_model(model), "student")
 
-    def _teacher_features(self, inputs: dict, student_features, num_items_in_batch):
+    def _teacher_features(self, inputs: dict, student_features, num_items_in_batch, packed_example_ids=None):
         """Run the live teacher with its hooks and score the feature terms: ``(teacher outputs, FeatureTerms)``, or
-        ``(None, FeatureTerms())`` without feature terms. The teacher's logits are reused for the logit term."""
+        ``(None, FeatureTerms())`` without feature terms. The teacher's logits are reused for the logit term.
+        ``packed_example_ids`` (packed batches, kd_llm.data.packing): attention maps are taken per example."""
         if self.feature_distiller is None:
             return None, FeatureTerms()
-        attention_mask = inputs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(inputs["input_ids"])
+        attention_mask = valid_tokens(inputs, packed_example_ids).long()
         teacher = self.accelerator.unwrap_model(self.teacher)
         with self.feature_distiller.capture(teacher, "teacher") as teacher_features, torch.no_grad():
-            teacher_outputs = self.teacher(input_ids=inputs["input_ids"], attention_mask=attention_mask,
-                                           use_cache=False)
+            teacher_outputs = self.teacher(**model_inputs(inputs), use_cache=False)
         # The accumulated batch's count when Trainer passed one (training and evaluation both count their batches).
         if num_items_in_batch is not None and self._feature_tokens_in_batch is not None:
             normaliser = self._feature_tokens_in_batch.to(attention_mask.device, torch.float32).clamp_min(1.0)
         else:
             normaliser = attention_mask.sum().float().clamp_min(1.0)
         terms = self.feature_distiller.terms(student_features, teacher_features, attention_mask, normaliser,
-                                             expect_grad=self.model.training)
+                                             expect_grad=self.model.training,
+                                             segments=token_segments(inputs, packed_example_ids))
         return teacher_outputs, terms
 
     def _weighted_feature_loss(self, terms: FeatureTerms):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kd_llm.data.packing import model_inputs
 from kd_llm.losses import LossComponents
 from kd_llm.losses.fused import fused_distillation_objective, soft_cap
 from kd_llm.losses.fused_sparse import fused_sparse_distillation_objective
@@ -190,8 +191,7 @@ def fused_objective_terms(trainer, student_outputs, inputs: dict, shifted_labels
     if alpha < 1:
         teacher_head = output_head(trainer.accelerator.unwrap_model(trainer.teacher))
         with torch.no_grad():
-            teacher_outputs = trainer.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                              use_cache=False, **FUSED_FORWARD_KWARGS)
+            teacher_outputs = trainer.teacher(**model_inputs(inputs), use_cache=False, **FUSED_FORWARD_KWARGS)
         teacher_hidden = teacher_outputs.hidden_states[-1][:, :-1]
         teacher_weight, teacher_bias, teacher_softcap = teacher_head.weight, teacher_head.bias, teacher_head.softcap
     return fused_distillation_objective(

@@ -9,6 +9,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.data.collator import CausalLMCollator
+from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PackingCollator, model_inputs, packing_attention_problem
 from kd_llm.hub import HubPushMixin
 from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
@@ -76,9 +77,18 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         if teacher_model is not None and tokenizer is None:
             raise ValueError("Pass processing_class=<the student's tokenizer>: it is checked against the teacher's "
                              "before training, and used to pad batches.")
+        if args.packing and kwargs.get("data_collator") is not None and not isinstance(kwargs["data_collator"],
+                                                                                     PackingCollator):
+            raise ValueError("packing=True packs batches with kd_llm.data.packing.PackingCollator: leave "
+                             "data_collator unset (or pass a PackingCollator), or set packing=False.")
         if kwargs.get("data_collator") is None and tokenizer is not None:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            kwargs["data_collator"] = CausalLMCollator(pad_id, passthrough_keys=(CACHE_INDEX_COLUMN,))
+            kwargs["data_collator"] = (
+                PackingCollator(pad_id, max_length=args.packing_max_length, overlong=args.packing_overlong,
+                                passthrough_keys=(CACHE_INDEX_COLUMN,)) if args.packing
+                else CausalLMCollator(pad_id, passthrough_keys=(CACHE_INDEX_COLUMN,)))
+        if args.packing:
+            self._check_packing(model, teacher_model, kwargs)
         self.kd_vocab_size = None
         if teacher_model is not None:
             # Before any work: a vocabulary mismatch must not surface after an hour of training.
@@ -117,6 +127,19 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         # fused_loss: chunked loss from hidden states and lm_head weights when possible (kd_llm.training.fused_path).
         self.fused_loss = choose_loss_path(self)
 
+    @staticmethod
+    def _check_packing(model, teacher_model, kwargs) -> None:
+        """packing=True: both models must isolate packed examples, and nothing may read packed rows as examples."""
+        problems = [problem for problem in (packing_attention_problem(model, "student"),
+                                            None if teacher_model is None or isinstance(teacher_model, TeacherProcess)
+                                            else packing_attention_problem(teacher_model, "teacher")) if problem]
+        if isinstance(teacher_model, TeacherProcess):
+            problems.append("a TeacherProcess (side-process teacher) is sent padded rows only")
+        if kwargs.get("compute_metrics") is not None:
+            problems.append("compute_metrics would read packed rows as examples (evaluate with packing=False)")
+        if problems:
+            raise ValueError("packing=True cannot run here: " + "; ".join(problems) + ".")
+
     def _setup_teacher(self, teacher_model):
         """Offline distillation: freeze the teacher, then place it. Subclasses with a teacher that is not frozen
         (kd_llm.training.online) or not one model (kd_llm.training.ensemble) override this."""
@@ -149,8 +172,7 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         if self.teacher_logits is not None and cache_index is not None and self.model.training:
             return self.teacher_logits.gather(cache_index, shifted_labels, like=student_logits)
         with torch.no_grad():
-            outputs = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                   use_cache=False)
+            outputs = self.teacher(**model_inputs(inputs), use_cache=False)
         return outputs.logits[:, :-1]
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
@@ -175,6 +197,8 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
         labels = inputs.pop("labels")
+        # Packed batches (kd_llm.data.packing): which example each token belongs to; never a model input.
+        packed_example_ids = inputs.pop(PACKED_EXAMPLE_KEY, None)
         # On the student's own samples only the teacher's distribution teaches: no cross-entropy on them.
         # (Generated batches: kd_llm.training.on_policy.)
         completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
@@ -190,7 +214,8 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         args = self.args
         temperature = self.current_temperature
         # Feature terms (hidden_weight, attention_weight) run the live teacher once, with hooks; its logits are reused.
-        teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch)
+        teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch,
+                                                                packed_example_ids)
         teacher_logits = None
         if args.alpha < 1 and not fused and not from_cache:
             teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,

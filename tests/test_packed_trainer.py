@@ -1,0 +1,121 @@
+"""DistillationTrainer with packing=True: the same loss, gradients and trained student as the padded batches, on
+every loss path that reads packed rows, with gradient accumulation; and the refusals."""
+
+import pytest
+import torch
+
+from kd_llm import DistillationTrainer
+from kd_llm.data.packing import PackingCollator
+from tests.conftest import tiny_distillation_config as make_config, tiny_llama
+
+
+def trainer_for(tmp_path, tokenizer, dataset, *, packing, teacher=None, **overrides):
+    teacher = teacher if teacher is not None else tiny_llama(len(tokenizer), hidden=48, seed=1)
+    return DistillationTrainer(model=tiny_llama(len(tokenizer), seed=2), teacher_model=teacher,
+                               args=make_config(tmp_path, packing=packing, **overrides), train_dataset=dataset,
+                               processing_class=tokenizer)
+
+
+def loss_and_gradients(trainer, features):
+    """One micro-batch through compute_loss (normalised as Trainer does), then backward: (loss, {name: grad})."""
+    batch = trainer.data_collator(features)
+    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, trainer._metrics["train"]
+
+
+PATHS = {
+    "dense live": dict(fused_loss="false"),
+    "fused live": dict(fused_loss="true"),
+    "dense jsd + hidden states": dict(fused_loss="false", distillation_loss="jsd", hidden_weight=0.5),
+    "attention maps (head mean)": dict(attention_weight=0.5, attention_loss="head_mean", attention_query_chunk=7),
+    "attention maps (relation)": dict(attention_weight=0.5, attention_loss="relation", hidden_weight=0.3),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path, char_tokenizer, date_dataset, path):
+    features = [date_dataset[i] for i in range(8)]
+    assert len({len(f["input_ids"]) for f in features}) > 3  # lengths vary: padding and packing differ
+    padded = trainer_for(tmp_path / "padded", char_tokenizer, date_dataset, packing=False, **PATHS[path])
+    packed = trainer_for(tmp_path / "packed", char_tokenizer, date_dataset, packing=True, **PATHS[path])
+    assert isinstance(packed.data_collator, PackingCollator)
+    assert packed.fused_loss == padded.fused_loss
+    batch = packed.data_collator(features)
+    assert batch["input_ids"].shape[0] < len(features)  # several examples share a row
+    padded_loss, padded_grads, padded_metrics = loss_and_gradients(padded, features)
+    packed_loss, packed_grads, packed_metrics = loss_and_gradients(packed, features)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert set(packed_grads) == set(padded_grads)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4)
+    for name in [key for key in padded_metrics if key.endswith("_loss")]:
+        torch.testing.assert_close(torch.stack(packed_metrics[name]), torch.stack(padded_metrics[name]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_packed_loss_differs_when_examples_may_attend_across_each_other(tmp_path, char_tokenizer, date_dataset):
+    """The comparison above can fail: the same packed rows with a 2-D mask (no example isolation) lose exactness."""
+    features = [date_dataset[i] for i in range(8)]
+    padded = trainer_for(tmp_path / "padded", char_tokenizer, date_dataset, packing=False)
+    packed = trainer_for(tmp_path / "packed", char_tokenizer, date_dataset, packing=True)
+    collate = packed.data_collator
+
+    def leaking(features):
+        batch = collate(features)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    packed.data_collator = leaking
+    padded_loss = loss_and_gradients(padded, features)[0]
+    assert abs(loss_and_gradients(packed, features)[0] - padded_loss) > 1e-4
+
+
+def params(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_packed_training_with_accumulation_trains_the_padded_runs_student(tmp_path, char_tokenizer, date_dataset):
+    settings = dict(max_steps=3, l2_weight=1e-3, fused_loss="true")
+    reference = trainer_for(tmp_path / "a", char_tokenizer, date_dataset, packing=False,
+                            per_device_train_batch_size=8, **settings)
+    reference.train()
+    accumulated = trainer_for(tmp_path / "b", char_tokenizer, date_dataset, packing=True,
+                              per_device_train_batch_size=2, gradient_accumulation_steps=4, **settings)
+    accumulated.train()
+    initial = params(tiny_llama(len(char_tokenizer), seed=2))
+    assert max_difference(params(reference.model), initial) > 1e-3  # it trained
+    assert max_difference(params(accumulated.model), params(reference.model)) < 1e-5
+    losses = lambda t: [e["total_loss"] for e in t.state.log_history if "total_loss" in e]  # noqa: E731
+    assert losses(accumulated) == pytest.approx(losses(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(packing_max_length=-1), "packing_max_length must be an integer >= 0"),
+    (dict(packing_overlong="split"), "packing_overlong must be one of error, truncate"),
+    (dict(packing=True, lmbda=0.5), "cannot be combined with lmbda > 0"),
+    (dict(packing=True, precompute_teacher_logits=True), "cannot be combined with precompute_teacher_logits"),
+])
+def test_packing_settings_that_cannot_work_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **settings)
+
+
+def test_packing_refuses_flash_attention_and_a_foreign_collator(tmp_path, char_tokenizer, date_dataset):
+    teacher = tiny_llama(len(char_tokenizer), hidden=48, seed=1)
+    teacher.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="teacher uses attn_implementation='flash_attention_2'"):
+        trainer_for(tmp_path, char_tokenizer, date_dataset, packing=True, teacher=teacher)
+    with pytest.raises(ValueError, match="leave data_collator unset"):
+        DistillationTrainer(model=tiny_llama(len(char_tokenizer), seed=2),
+                            teacher_model=tiny_llama(len(char_tokenizer), hidden=48, seed=1),
+                            args=make_config(tmp_path, packing=True), train_dataset=date_dataset,
+                            processing_class=char_tokenizer, data_collator=lambda features: features)
