@@ -181,3 +181,16 @@ def test_longest_sequence(date_dataset):
     expected = max(len(ids) for ids in date_dataset["input_ids"])
     assert longest_sequence(date_dataset) == expected
     assert longest_sequence(date_dataset.remove_columns("length")) == expected
+
+
+def test_packing_bounds_the_estimate_by_one_row_per_example_of_packing_max_length(tmp_path, student, teacher):
+    from kd_llm.training.memory_estimate import estimate_for_run
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=8)
+    padded = estimate_for_run(student, teacher, DistillationConfig(**common), sequence_length=256)
+    packed = estimate_for_run(student, teacher, DistillationConfig(packing=True, **common), sequence_length=256)
+    long_rows = estimate_for_run(student, teacher, DistillationConfig(packing=True, packing_max_length=1024, **common),
+                                 sequence_length=256)
+    assert packed.tokens == padded.tokens == 8 * 256  # rows never longer than the longest example
+    assert long_rows.tokens == 8 * 1024
+    assert any("packing: bounded by 8 rows of 1024 tokens" in note for note in long_rows.notes)

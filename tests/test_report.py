@@ -157,6 +157,12 @@ def test_recipe_names_schedule_extra_terms_and_citations():
     assert {"agarwal2024onpolicy", "muralidharan2024compact", "romero2015fitnets", "jiao2020tinybert"} <= set(keys)
 
 
+def test_recipe_says_when_batches_were_packed():
+    packed = make_report(distillation={"packing": True, "packing_max_length": 512})["run"]
+    assert "Batches packed without padding (rows of up to 512 tokens" in "\n".join(recipe_lines(packed))
+    assert "packing" not in "\n".join(recipe_lines(make_report()["run"]))
+
+
 # ------------------------------------------------------------------------------------------------------ measuring
 
 def eos_forever(vocab_size: int, eos: int):

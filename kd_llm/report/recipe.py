@@ -13,7 +13,8 @@ import dataclasses
 # Settings described in their own words below; any other distillation setting is listed generically.
 DESCRIBED = {"alpha", "temperature", "final_temperature", "temperature_schedule", "distillation_loss", "beta", "skew",
              "l2_weight", "precompute_teacher_logits", "lmbda", "seq_kd", "seq_kd_decoding",
-             "generation_max_new_tokens", "generation_temperature", "remove_unused_columns"}
+             "generation_max_new_tokens", "generation_temperature", "remove_unused_columns",
+             "packing", "packing_max_length", "packing_overlong"}
 LAYER_TERMS = ("hidden", "attention", "attn", "feature", "layer_map")
 
 CITATIONS = {
@@ -166,6 +167,11 @@ def recipe_lines(run: dict) -> list[str]:
                      + ".")
     if d.get("precompute_teacher_logits"):
         lines.append("- The teacher's logits were computed once before training and kept in memory.")
+    if d.get("packing"):
+        rows = (f"rows of up to {d['packing_max_length']} tokens" if d.get("packing_max_length")
+                else "rows as long as the micro-batch's longest example")
+        lines.append(f"- Batches packed without padding ({rows}; position ids restart per example, no attention "
+                     "across examples: the same loss as padded batches).")
     data = f"- Data: {run.get('train_examples')} labelled training examples"
     if run.get("transfer_examples"):
         data += f" plus {run['transfer_examples']} teacher-written completions (transfer set, KD student only)"

@@ -128,5 +128,6 @@ class EnsembleDistillationTrainer(DistillationTrainer):
         for index in range(len(self.ensemble)):
             self._load_member(index)
         logits = self.ensemble.target_logits(inputs["input_ids"], inputs.get("attention_mask"),
-                                             temperature=self.current_temperature, vocab_size=self.kd_vocab_size)
+                                             temperature=self.current_temperature, vocab_size=self.kd_vocab_size,
+                                             position_ids=inputs.get("position_ids"))
         return logits[:, :-1]

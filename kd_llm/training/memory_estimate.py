@@ -256,6 +256,9 @@ def estimate_for_run(student: nn.Module, teacher: nn.Module | None, config, *, s
     """The estimate for a DistillationConfig as it will be launched (precision, sharding, loss path)."""
     shard_degree, zero_stage = launch_sharding()
     loss_path, note = chosen_loss_path(config, sharded=shard_degree > 1)
+    packing = getattr(config, "packing", False)
+    if packing:  # at most one row per example, each at most packing_max_length (0: the longest example) long
+        sequence_length = max(sequence_length, getattr(config, "packing_max_length", 0) or 0)
     estimate = estimate_memory(
         student, teacher, batch_size=config.per_device_train_batch_size, sequence_length=sequence_length,
         precision=launch_precision(config), alpha=config.alpha, loss_path=loss_path,
@@ -265,6 +268,9 @@ def estimate_for_run(student: nn.Module, teacher: nn.Module | None, config, *, s
     )
     if note:
         estimate.notes.append(note)
+    if packing:
+        estimate.notes.append(f"packing: bounded by {config.per_device_train_batch_size} rows of {sequence_length} "
+                              "tokens; packed micro-batches usually hold fewer rows")
     if getattr(config, "teacher_cache", None):
         estimate.notes.append("teacher_cache: the KD term reads stored top-k targets"
                               + ("" if teacher is not None else "; no teacher in memory"))

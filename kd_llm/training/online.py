@@ -25,6 +25,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.optimization import get_scheduler
 
+from kd_llm.data.packing import PACKED_EXAMPLE_KEY
 from kd_llm.losses import distillation_objective
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN
@@ -113,6 +114,7 @@ class MutualDistillationTrainer(DistillationTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs.pop(CACHE_INDEX_COLUMN, None)
+        inputs.pop(PACKED_EXAMPLE_KEY, None)  # packed rows: position_ids isolate the examples in both models
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)
         self.teacher.train(model.training)

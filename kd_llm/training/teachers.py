@@ -175,12 +175,14 @@ class TeacherEnsemble(nn.Module):
 
     @torch.no_grad()
     def target_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, temperature: float,
-                      vocab_size: int | None = None) -> Tensor:
-        """``T * log p_mix`` ``[B, L, vocab_size]`` for a batch, every teacher loaded and run (no gradients)."""
+                      vocab_size: int | None = None, position_ids: Tensor | None = None) -> Tensor:
+        """``T * log p_mix`` ``[B, L, vocab_size]`` for a batch, every teacher loaded and run (no gradients);
+        ``position_ids`` for packed rows (kd_llm.data.packing)."""
         mixed = LogProbMixture(self.mixture, temperature, vocab_size)
         for index, weight in enumerate(self.weights):
             model = self.load(index)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).logits
             mixed.add(logits, weight)
         return temperature * mixed.log_probs()
 
