@@ -40,7 +40,8 @@ def data_parallel_launch(saved_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(SUPPORT / "distributed_kd_run.py"),
                       "--models", str(saved_models), "--output", str(out / "run"),
-                      "--per_device_train_batch_size", "4", "--fsdp_teacher_check", str(out / "fsdp"))
+                      "--per_device_train_batch_size", "4", "--packed_output", str(out / "packed"),
+                      "--fsdp_teacher_check", str(out / "fsdp"))
     return out
 
 
@@ -61,6 +62,28 @@ def test_two_processes_of_four_match_one_process_of_eight(saved_models, data_par
     assert max_difference(half, single) > 1e-3  # so the comparison can tell the global batches apart
     single_losses = json.loads((tmp_path / "single" / "run.json").read_text())["losses"]
     assert ddp_info["losses"] == pytest.approx(single_losses, rel=1e-5)
+
+
+def test_two_packed_processes_match_one_padded_process(saved_models, data_parallel_launch, tmp_path):
+    """packing=True across 2 processes: each packs its own shard; the student equals 1 packed process x 8, and the
+    losses those of 1 padded process x 8."""
+    packed_info = json.loads((data_parallel_launch / "packed" / "run.json").read_text())
+    assert packed_info["num_processes"] == 2 and packed_info["global_step"] == 3
+    run(saved_models, tmp_path / "single", per_device_train_batch_size=8, fused_loss="true", packing=True)
+    run(saved_models, tmp_path / "padded", per_device_train_batch_size=8, fused_loss="true")
+    packed = load_file(str(data_parallel_launch / "packed" / "student.safetensors"))
+    single = load_file(str(tmp_path / "single" / "student.safetensors"))
+    padded = load_file(str(tmp_path / "padded" / "student.safetensors"))
+    initial = load_file(str(saved_models / "student" / "model.safetensors"))
+    assert max_difference(single, initial) > 1e-3
+    # Each process packs its own 4 examples into other rows than one process packs 8: the gradients agree to float
+    # rounding (1e-5, tests/test_packed_trainer.py), which Adam's division by sqrt(v) amplifies in near-zero
+    # gradients over 3 steps to ~3e-5 in the weights; a wrong data split moves them by > 1e-3 (test above).
+    assert max_difference(packed, single) < 1e-4
+    assert max_difference(single, padded) < 1e-4
+    for other in ("single", "padded"):
+        losses = json.loads((tmp_path / other / "run.json").read_text())["losses"]
+        assert packed_info["losses"] == pytest.approx(losses, rel=1e-5)
 
 
 def check_shards(results: list[dict], tolerance: float = 1e-5) -> None:

@@ -151,3 +151,46 @@ def test_every_distillation_mode_trains_the_same_student_from_packed_batches(tmp
     assert max_difference(params(packed.model), params(padded.model)) < 1e-4
     losses = lambda t: [e["total_loss"] for e in t.state.log_history if "total_loss" in e]  # noqa: E731
     assert losses(packed) == pytest.approx(losses(padded), rel=1e-5)
+
+
+def computed_tokens(trainer, steps=6):
+    """Tokens the first ``steps`` micro-batches of the training dataloader compute (rows x columns), and the example
+    count."""
+    tokens = examples = 0
+    for index, batch in enumerate(trainer.get_train_dataloader()):
+        if index == steps:
+            break
+        tokens += batch["input_ids"].numel()
+        packed = batch.get("packed_example_ids")
+        examples += int(packed.max()) + 1 if packed is not None else batch["input_ids"].shape[0]
+    return tokens, examples
+
+
+def test_length_grouping_and_packing_compute_fewer_tokens_than_random_padded_batches(tmp_path, char_tokenizer,
+                                                                                      date_dataset):
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    random_padded = computed_tokens(trainer_for(tmp_path / "r", char_tokenizer, date_dataset, packing=False, **common))
+    grouped = computed_tokens(trainer_for(tmp_path / "g", char_tokenizer, date_dataset, packing=False,
+                                          length_grouping="step", **common))
+    packed = computed_tokens(trainer_for(tmp_path / "p", char_tokenizer, date_dataset, packing=True,
+                                         packing_max_length=192, **common))
+    assert random_padded[1] == grouped[1] == packed[1] == 24  # the same examples per micro-batch
+    assert packed[0] < grouped[0] < random_padded[0]
+
+
+def test_step_length_grouping_keeps_each_optimizer_step_a_random_draw(tmp_path, char_tokenizer, date_dataset):
+    from kd_llm.data.sampling import StepShuffledLengthSampler
+
+    trainer = trainer_for(tmp_path, char_tokenizer, date_dataset, packing=False, length_grouping="step",
+                          per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, StepShuffledLengthSampler) and sampler.step_size == 8
+    order = list(sampler)
+    generator = torch.Generator().manual_seed(trainer.args.seed)
+    draw = torch.randperm(len(date_dataset), generator=generator).tolist()
+    for start in range(0, len(order), 8):
+        assert sorted(order[start:start + 8]) == sorted(draw[start:start + 8])
+        lengths = [date_dataset[i]["length"] for i in order[start:start + 8]]
+        assert lengths == sorted(lengths)
+    with pytest.raises(ValueError, match="length_grouping=step is a training sampler"):
+        make_config(tmp_path, length_grouping="step", train_sampling_strategy="group_by_length")

@@ -179,6 +179,13 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Longest packed row in tokens (>= 0). 0: the micro-batch's longest example (never more "
                           "tokens than padding); larger rows hold more examples each, fewer rows."},
     )
+    length_grouping: str = field(
+        default="off",
+        metadata={"help": "Length-aware batches without packing: off, or step (kd_llm.data.sampling: each optimizer "
+                          "step draws its examples at random, then sorts them by length into its micro-batches, so "
+                          "micro-batches pad tightly and steps stay i.i.d.). Trainer's train_sampling_strategy="
+                          "group_by_length pads less still but gives each step examples of one length."},
+    )
     packing_overlong: str = field(
         default="error",
         metadata={"help": "An example longer than packing_max_length: error (stop, naming it) or truncate (cut to "
@@ -248,6 +255,11 @@ def packing_config_problems(config) -> list[str]:
     if not isinstance(config.packing_max_length, int) or config.packing_max_length < 0:
         problems.append(f"packing_max_length must be an integer >= 0 (0: the longest example of the micro-batch), "
                         f"got {config.packing_max_length!r}")
+    if config.length_grouping not in ("off", "step"):
+        problems.append(f"length_grouping must be off or step, got {config.length_grouping!r}")
+    if config.length_grouping != "off" and config.train_sampling_strategy not in ("random", None):
+        problems.append(f"length_grouping={config.length_grouping} is a training sampler, and so is "
+                        f"train_sampling_strategy={config.train_sampling_strategy}: choose one")
     if config.packing_overlong not in OVERLONG_CHOICES:
         problems.append(f"packing_overlong must be one of {', '.join(OVERLONG_CHOICES)}, got "
                         f"{config.packing_overlong!r}")
@@ -258,6 +270,6 @@ def packing_config_problems(config) -> list[str]:
                                          ("teacher_cache", bool(config.teacher_cache))) if on]
     if unsupported:
         problems.append(f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets "
-                        "and generated completions are laid out per padded example): set packing=False, or use "
-                        "group_by_length=True to cut padding instead")
+                        "and generated completions are laid out per padded example): set packing=False, and cut "
+                        "padding with length_grouping=step or train_sampling_strategy=group_by_length instead")
     return problems

@@ -10,6 +10,7 @@ from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PackingCollator, model_inputs, packing_attention_problem
+from kd_llm.data.sampling import StepShuffledLengthSampler
 from kd_llm.hub import HubPushMixin
 from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
@@ -139,6 +140,15 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             problems.append("compute_metrics would read packed rows as examples (evaluate with packing=False)")
         if problems:
             raise ValueError("packing=True cannot run here: " + "; ".join(problems) + ".")
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.length_grouping != "step":
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset  # still holds the `length` column Trainer may strip from the copy it passes
+        lengths = (dataset["length"] if "length" in dataset.column_names
+                   else [len(ids) for ids in dataset["input_ids"]])
+        step_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return StepShuffledLengthSampler(lengths, step_size, seed=self.args.seed)
 
     def _setup_teacher(self, teacher_model):
         """Offline distillation: freeze the teacher, then place it. Subclasses with a teacher that is not frozen

@@ -69,12 +69,17 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--per_device_train_batch_size", type=int, required=True)
     parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--packed_output", type=Path, default=None,
+                        help="Afterwards, also train the same run with packing=True (fused loss), writing here.")
     parser.add_argument("--fsdp_teacher_check", type=Path, default=None,
                         help="Afterwards, also run tests/support/fsdp_teacher_run.py's check, writing to this folder.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(args.models, args.output, per_device_train_batch_size=args.per_device_train_batch_size,
         max_steps=args.max_steps)
+    if args.packed_output is not None:
+        run(args.models, args.packed_output, per_device_train_batch_size=args.per_device_train_batch_size,
+            max_steps=args.max_steps, packing=True, fused_loss="true")
     if args.fsdp_teacher_check is not None:  # one launch for two checks: process start-up dominates their time
         from tests.support.fsdp_teacher_run import check_fsdp_teacher
 
