@@ -130,3 +130,9 @@ def format_prompt(record: dict[str, Any], tokenizer, *, use_chat_template: bool 
         return tokenizer(prompt + PLAIN_SEPARATOR, add_special_tokens=True)["input_ids"]
     require_chat_template(tokenizer)
     return _render(tokenizer, _as_messages(prompt, "user"), add_generation_prompt=True)
+
+
+def supervised_token_count(dataset) -> int:
+    """Positions a causal LM is trained on: labels after the first (shifted) that are not -100. (Here, not in
+    ``sources``, so that training imports no ``datasets``: a GPU machine may not have it.)"""
+    return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])

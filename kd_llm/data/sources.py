@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 
-from kd_llm.data.formatting import IGNORE_INDEX, DataFormatError, format_record
+from kd_llm.data.formatting import IGNORE_INDEX, DataFormatError, format_record, supervised_token_count
 from kd_llm.tasks import date_arithmetic
 
 BUILTIN_TASKS = ("date_arithmetic",)
@@ -64,11 +64,6 @@ def load_records(source: str, *, split: str = "train", size: int | None = None, 
     if not records:
         raise DataFormatError(f"Data source {source!r} ({split}) is empty.")
     return records[:size] if size else records
-
-
-def supervised_token_count(dataset: datasets.Dataset) -> int:
-    """Positions a causal LM is trained on: labels after the first (shifted) that are not -100."""
-    return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
 
 
 def build_dataset(records: list[dict[str, Any]], tokenizer, *, max_length: int | None = None,

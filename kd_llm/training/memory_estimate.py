@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kd_llm.data.sources import supervised_token_count
+from kd_llm.data.formatting import supervised_token_count
 from kd_llm.losses.fused import default_chunk_rows
 
 GIB = 1024**3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from kd_llm.data.sources import supervised_token_count
+from kd_llm.data.formatting import supervised_token_count
 
 CACHE_INDEX_COLUMN = "kd_example_index"
 MAX_CACHE_BYTES = 4 * 1024**3
