@@ -36,8 +36,11 @@ from kd_llm.serving.protocol import (
     SIGNAL_PATH,
     TOKENIZE_PATH,
     WEIGHTS_HASH_HEADER,
+    ServedTeacherError,
+    ServedTeacherUnavailable,
     SignalBodyError,
     TeacherIdentity,
+    TeacherIdentityError,
     completion_request,
     decode_signal,
     parse_prompt_logprobs,
@@ -49,19 +52,6 @@ _FIX = ("Fix: start the server (scripts/serve_teacher.py --teacher <teacher> --p
         "<teacher> --max-logprobs <k>), check the URL and the network between the machines, or raise "
         "teacher_timeout / teacher_retries; then resume the run from its last checkpoint "
         "(--resume_from_checkpoint <output_dir>/checkpoint-<step>).")
-
-
-class ServedTeacherError(RuntimeError):
-    """A served teacher that cannot be used (a request it refused, or one that failed for good)."""
-
-
-class ServedTeacherUnavailable(ServedTeacherError):
-    """Every attempt failed on transient errors: the servers are down, unreachable or too slow."""
-
-
-class TeacherIdentityError(ServedTeacherError, ValueError):
-    """The served teacher is not the teacher this run expects (tokenizer, weights, vocabulary, or replicas that
-    disagree)."""
 
 
 class _Transient(Exception):

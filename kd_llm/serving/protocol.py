@@ -51,6 +51,19 @@ WEIGHTS_HASH_HEADER = "X-KD-Teacher-Hash"
 VLLM_CLAMPED_LOGPROB = -9999.0  # what vLLM sends for -inf (clamp_prompt_logprobs)
 
 
+class ServedTeacherError(RuntimeError):
+    """A served teacher that cannot be used (a request it refused, or one that failed for good)."""
+
+
+class ServedTeacherUnavailable(ServedTeacherError):
+    """Every attempt failed on transient errors: the servers are down, unreachable or too slow."""
+
+
+class TeacherIdentityError(ServedTeacherError, ValueError):
+    """The served teacher is not the teacher this run expects (tokenizer, weights, vocabulary, or replicas that
+    disagree)."""
+
+
 class SignalBodyError(ValueError):
     """A binary signal body that is truncated, corrupted or malformed."""
 

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from kd_llm.data.packing import OVERLONG_CHOICES
 from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
+from kd_llm.serving.settings import served_teacher_config_problems
 from kd_llm.teacher_cache.training import teacher_cache_config_problems
 from kd_llm.training.fused_path import FUSED_LOSS_CHOICES
 from kd_llm.training.schedules import TEMPERATURE_SCHEDULES
@@ -69,6 +70,42 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "How the distillation term treats the teacher mass outside the cached top-k: tail_bucket "
                           "(one extra outcome; training temperature must equal the cache's) or renormalise (both "
                           "renormalised over the top-k ids; any temperature). See kd_llm.losses.sparse."},
+    )
+    # A served teacher (kd_llm.serving): its top-k reaches the sparse loss over HTTP; checked in serving.settings.
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "A served teacher: URL of scripts/serve_teacher.py or of a vLLM server (http://host:port); "
+                          "comma-separated URLs are replicas of one teacher. Its top-k log-probabilities serve the "
+                          "sparse loss (tail per teacher_cache_tail_mode). Token: env KD_LLM_TEACHER_TOKEN."},
+    )
+    teacher_routes: dict | str | None = field(
+        default=None,
+        metadata={"help": "Several served teachers, one per example: a mapping teacher_id -> URL(s) (JSON on the "
+                          "command line); each example's teacher_route_column names its teacher."},
+    )
+    teacher_route_column: str = field(default="teacher_id",
+                                      metadata={"help": "With teacher_routes: the column naming each example's "
+                                                        "teacher."})
+    teacher_top_k: int = field(default=64, metadata={"help": "Served teacher: top-k log-probabilities per position "
+                                                             "(vLLM needs --max-logprobs >= k)."})
+    teacher_protocol: str = field(default="auto", metadata={"help": "Served teacher: auto, kd_llm or vllm."})
+    teacher_timeout: float = field(default=60.0, metadata={"help": "Served teacher: seconds per request."})
+    teacher_retries: int = field(default=5, metadata={"help": "Served teacher: transient failures tolerated per "
+                                                              "request (backoff doubles) before the run stops with "
+                                                              "a checkpoint."})
+    teacher_retry_backoff: float = field(default=0.5, metadata={"help": "Served teacher: first backoff, seconds."})
+    teacher_parity_reference: str | None = field(
+        default=None,
+        metadata={"help": "Served teacher: a local copy (model spec or teacher-cache folder) whose signal on a probe "
+                          "batch is compared with the served one before training (default: the teacher_model passed "
+                          "to the trainer, if any)."},
+    )
+    teacher_parity_examples: int = field(default=4, metadata={"help": "Served teacher: probe batch size of the "
+                                                                      "parity check (0: no check)."})
+    teacher_parity_max_tvd: float = field(
+        default=0.02,
+        metadata={"help": "Served teacher: refuse to train when the mean total-variation distance per position "
+                          "between the served and the reference top-k exceeds this."},
     )
     lmbda: float = field(
         default=0.0,
@@ -245,6 +282,7 @@ class DistillationConfig(TrainingArguments):
         problems.extend(packing_config_problems(self))
         problems.extend(feature_config_problems(self))
         problems.extend(teacher_cache_config_problems(self))
+        problems.extend(served_teacher_config_problems(self))
         if problems:
             raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")
 

@@ -121,6 +121,8 @@ def fused_path_blockers(trainer) -> list[str]:
         reasons.append("FSDP / DeepSpeed shard the lm_head weights the fused loss reads whole")
     if getattr(trainer, "teacher_logits", None) is not None or args.precompute_teacher_logits:
         reasons.append("precompute_teacher_logits serves teacher logits, not the teacher's hidden states")
+    if getattr(trainer, "served_teacher", None) is not None:
+        reasons.append("a served teacher's top-k takes the dense sparse loss")
     if getattr(trainer, "feature_distiller", None) is not None:
         reasons.append("feature distillation (hidden_weight / attention_weight) runs the teacher for full logits")
     from kd_llm.training.trainer import DistillationTrainer  # imported here: trainer.py imports this module

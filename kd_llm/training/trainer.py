@@ -15,6 +15,7 @@ from kd_llm.hub import HubPushMixin
 from kd_llm.losses import distillation_objective, l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
+from kd_llm.serving.training import open_served_teacher, served_terms
 from kd_llm.teacher_cache.training import open_trainer_cache, sparse_cache_terms
 from kd_llm.training.checkpoints import AtomicCheckpointMixin
 from kd_llm.training.config import DistillationConfig
@@ -60,10 +61,11 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                  teacher_tokenizer=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
-        if teacher_model is None and args.alpha < 1 and not args.teacher_cache:
+        served = bool(args.teacher_url or args.teacher_routes)  # a served teacher (kd_llm.serving) scores batches
+        if teacher_model is None and args.alpha < 1 and not args.teacher_cache and not served:
             raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model is required (or "
-                             "a teacher_cache built by scripts/cache_teacher.py).")
-        if teacher_model is None and (args.lmbda > 0 or args.seq_kd):
+                             "a teacher_cache built by scripts/cache_teacher.py, or a served teacher_url).")
+        if teacher_model is None and (args.lmbda > 0 or args.seq_kd) and not served:
             # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
             raise ValueError("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
                              "live teacher can score or write, not a cache of teacher outputs on the dataset: pass "
@@ -120,6 +122,10 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         # teacher_cache: stored top-k targets serve the training batches, no teacher needed (kd_llm.teacher_cache).
         self.teacher_cache = open_trainer_cache(self, teacher_model=teacher_model, teacher_tokenizer=teacher_tokenizer,
                                                 student_tokenizer=tokenizer)
+        # teacher_url / teacher_routes: a served teacher's top-k serves every batch (kd_llm.serving.training).
+        self.served_teacher = open_served_teacher(
+            self, teacher_model=teacher_model, tokenizer=tokenizer,
+            custom_teacher_setup=type(self)._setup_teacher is not DistillationTrainer._setup_teacher)
         self.teacher_logits = None
         if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
             self.teacher_logits = self._build_teacher_logits_cache()
@@ -196,7 +202,9 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        teacher = self.teacher if self.teacher_in_side_process else self.accelerator.unwrap_model(self.teacher)
+        teacher = self.teacher
+        if teacher is not None and not self.teacher_in_side_process:  # a served teacher: None, it only scores
+            teacher = self.accelerator.unwrap_model(teacher)
         batches = self.completion_generator.replace(
             batches, step=self.state.global_step, student=self.accelerator.unwrap_model(self.model),
             teacher=teacher, process_index=self.args.process_index,
@@ -213,6 +221,7 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         # (Generated batches: kd_llm.training.on_policy.)
         completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
         from_cache = self.teacher_cache is not None and cache_index is not None and model.training
+        from_served = self.served_teacher is not None
         # The fused path needs no logits; evaluation with compute_metrics reads them, so it takes the dense path. So
         # do the batches a side-process teacher scores: it returns logits, not hidden states (see choose_loss_path).
         fused = (self.fused_loss and not (return_outputs and self.compute_metrics is not None)
@@ -227,11 +236,14 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch,
                                                                 packed_example_ids)
         teacher_logits = None
-        if args.alpha < 1 and not fused and not from_cache:
+        if args.alpha < 1 and not fused and not from_cache and not from_served:
             teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,
                                                       teacher_outputs)
         alpha = 0.0 if completion_source == STUDENT else args.alpha
-        if fused:
+        if from_served:
+            terms = served_terms(self, student_logits, inputs, shifted_labels, alpha=alpha, temperature=temperature,
+                                 num_items_in_batch=num_items_in_batch, training=model.training)
+        elif fused:
             terms = fused_objective_terms(self, outputs, inputs, shifted_labels, alpha=alpha, temperature=temperature,
                                           num_items_in_batch=num_items_in_batch,
                                           cache_index=cache_index if from_cache else None)
