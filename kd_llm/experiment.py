@@ -21,18 +21,20 @@ import torch
 
 from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
-from kd_llm.distillation_modes import (DistillationModeArguments, build_trainer, check_mode_config, load_teachers,
-                                      mode_rows, mode_summary, save_distilled, student_factory)
+from kd_llm.distillation_modes import (DistillationModeArguments, TeacherSetup, build_trainer, check_mode_config,
+                                      load_teachers, mode_rows, mode_summary, save_distilled, student_factory)
 from kd_llm.evaluation.bits_per_byte import bits_per_byte, load_bpb_text
 from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.features.distiller import FeatureDistiller
 from kd_llm.hub import HubTarget, without_hub_push
+from kd_llm.models.loading import load_tokenizer
 from kd_llm.models.students import build_student, decoder_layers, rank_layers_by_importance
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
 from kd_llm.secret_filter import redact_secrets
+from kd_llm.serving.settings import is_teacher_url, served_script_problems
 from kd_llm.teacher_cache.reader import check_cache_teacher
 from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
@@ -299,7 +301,17 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         raise ValueError("teacher_cache with lmbda > 0 scores the on-policy samples with a teacher in one side "
                          "process, which serves one training process: launch a single process (each rank would "
                          "need its own side process), or set lmbda 0.")
-    teachers = load_teachers(args)  # with teacher_adapter merged; ensemble members checked, loaded when needed
+    served = is_teacher_url(args.teacher)  # teacher: http://host:port, a served teacher (kd_llm.serving)
+    if served:
+        problems = served_script_problems(args)
+        if problems:
+            raise ValueError(f"teacher={args.teacher} is a served teacher, so: " + "; ".join(problems) + ".")
+        if not config.teacher_url and not config.teacher_routes:
+            config = dataclasses.replace(config, teacher_url=args.teacher)
+        teachers = TeacherSetup(None, load_tokenizer(args.student_checkpoint,
+                                                     trust_remote_code=args.trust_remote_code), [], [])
+    else:
+        teachers = load_teachers(args)  # with teacher_adapter merged; ensemble members checked, loaded when needed
     teacher, tokenizer = teachers.teacher, teachers.tokenizer
     task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
     train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed,
@@ -324,7 +336,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     report_memory_estimate(untrained_student, memory_teacher, config, train_dataset,
                            max_length=args.max_length if args.transfer_size else None)  # transfer set: not built yet
 
-    rows = [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
+    # A served teacher is not evaluated here (it scores; the skill check needs it to generate).
+    rows = [] if served else [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
     rows.append(_evaluate("student, before training", untrained_student, tokenizer, args, eval_records,
                           {"train_seconds": 0.0}))
     teacher_check = check_run_teacher(args, rows)  # raises, before any training, unless --force
@@ -431,6 +444,8 @@ def recovered_fraction(rows: list[dict]) -> float | None:
     """Share of the teacher's lead over the hard-label student that distillation recovers:
     (KD - hard) / (teacher - hard), on mean exact match. None when the teacher has no lead."""
     score = {row["model"]: row["mean_category_exact_match"] for row in rows}
+    if "teacher" not in score:  # a served teacher, not evaluated here
+        return None
     teacher, hard, kd = (score["teacher"], score["student, hard labels only"], score["student, distilled (KD)"])
     return None if teacher <= hard else (kd - hard) / (teacher - hard)
 

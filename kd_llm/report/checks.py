@@ -89,6 +89,8 @@ def check_run_teacher(args, rows: list[dict]) -> dict:
     mode = getattr(args, "distillation_mode", "offline")
     if mode in ("ema", "online"):
         reason = f"distillation_mode={mode}: the teacher is not a fixed, already-skilled model"
+    elif str(getattr(args, "teacher", "")).startswith(("http://", "https://")):
+        reason = f"the teacher is served at {args.teacher} and not evaluated here"
     elif not args.evaluate_skills:
         reason = "evaluate_skills is off, so the teacher was not scored"
     else:

@@ -106,3 +106,24 @@ def served_teacher_config_problems(config) -> list[str]:
         problems.append("teacher_routes reads the route column in the collator of the training process: set "
                         "dataloader_num_workers=0 (the served teacher's requests run on threads anyway)")
     return problems
+
+
+def served_script_problems(args) -> list[str]:
+    """What scripts/distill_llm.py cannot do with ``teacher: http://...`` (the teacher's weights are elsewhere)."""
+    problems = []
+    if args.student_init != "checkpoint":
+        problems.append(f"student_init={args.student_init} builds the student from the teacher's weights, which stay "
+                        "on the server: use student_init=checkpoint with student_checkpoint=<a student folder whose "
+                        "tokenizer is the teacher's>")
+    if getattr(args, "distillation_mode", "offline") != "offline" or getattr(args, "extra_teachers", None):
+        problems.append("a served teacher distils offline from one teacher (several: teacher_routes): set "
+                        "distillation_mode=offline and no extra_teachers")
+    if getattr(args, "teacher_adapter", None):
+        problems.append("teacher_adapter merges into a local teacher: serve the merged teacher instead "
+                        "(scripts/serve_teacher.py --teacher-adapter)")
+    if args.transfer_size:
+        problems.append("transfer_size has the teacher write completions, which a served scorer does not do")
+    if args.write_report:
+        problems.append("write_report measures the teacher's skill, speed and memory here, where it is not: set "
+                        "write_report=false (the results table and results.json are still written)")
+    return problems
