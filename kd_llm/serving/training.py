@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict, deque
 
 import torch
@@ -86,6 +87,7 @@ class ServedTopK:
         self._routes: dict[bytes, list] = {}
         self._lock = threading.Lock()
         self.prefetched = self.requested = 0  # answers found ready-or-in-flight / asked for when needed
+        self.wait_seconds = 0.0  # time training waited for answers (what prefetch did not hide)
 
     @property
     def clients(self) -> dict:
@@ -136,14 +138,19 @@ class ServedTopK:
             if queue is not None and not queue:
                 del self._pending[key]
             teacher_ids = self._routes.get(key)
-        if future is not None:
-            self.prefetched += 1
-            return future.result()
-        if self.route_column is not None and teacher_ids is None:
-            raise ValueError("this batch did not come through the routing collator (e.g. on-policy samples), so "
-                             "which teacher scores each example is unknown: teacher_routes serves dataset batches only")
-        self.requested += 1
-        return self._fetch(sequences, teacher_ids)
+        started = time.perf_counter()
+        try:
+            if future is not None:
+                self.prefetched += 1
+                return future.result()
+            if self.route_column is not None and teacher_ids is None:
+                raise ValueError("this batch did not come through the routing collator (e.g. on-policy samples), so "
+                                 "which teacher scores each example is unknown: teacher_routes serves dataset batches "
+                                 "only")
+            self.requested += 1
+            return self._fetch(sequences, teacher_ids)
+        finally:
+            self.wait_seconds += time.perf_counter() - started
 
     def targets(self, input_ids, attention_mask, shifted_labels, *, device=None) -> SparseTargets:
         return gather_targets(self.rows(input_ids, attention_mask), shifted_labels, temperature=self.temperature,
