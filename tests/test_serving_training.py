@@ -152,6 +152,7 @@ def test_routed_teachers_score_their_own_examples(tmp_path, served_teacher, othe
     (dict(teacher_url="http://127.0.0.1:1", teacher_protocol="vllm", temperature=2.0), "comes at temperature 1"),
     (dict(teacher_url="http://127.0.0.1:1", distillation_loss="mse"), "cannot be computed from a served"),
     (dict(teacher_url="http://127.0.0.1:1", hidden_weight=1.0), "intermediate features"),
+    (dict(teacher_url="http://127.0.0.1:1", packing=True), "set packing=false"),
 ])
 def test_config_refuses_what_a_served_teacher_cannot_serve(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
