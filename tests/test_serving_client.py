@@ -98,6 +98,13 @@ def test_hidden_states_are_the_final_normed_states(served_teacher, local_teacher
         assert torch.allclose(states, expected, atol=1e-5)
         assert torch.allclose(logits, out.logits[0], atol=1e-4)  # what the lm_head of a hidden-state teacher sees
     assert half[0].dtype == torch.bfloat16 and torch.allclose(half[0].float(), hidden[0], atol=2e-2)
+    with client(served_teacher.url) as teacher:
+        head = teacher.head()  # sent once, checked against the hash in the identity
+    assert torch.equal(head.weight, local_teacher.lm_head.weight) and head.softcap is None
+    with torch.no_grad():
+        rebuilt = hidden[0] @ head.weight.T
+        expected_logits = local_teacher(input_ids=torch.tensor([sequences[0]])).logits[0]
+    assert torch.allclose(rebuilt, expected_logits, atol=1e-4)
 
 
 def test_vllm_completions_response_shape(served_teacher, sequences):

@@ -31,6 +31,7 @@ import torch
 
 from kd_llm.serving.protocol import (
     COMPLETIONS_PATH,
+    HEAD_PATH,
     IDENTITY_PATH,
     MODELS_PATH,
     SIGNAL_PATH,
@@ -252,6 +253,28 @@ class ServedTeacherClient:
         meta, arrays = self._retrying(lambda r: self._signal(r, {"kind": "hidden", "sequences": sequences,
                                                                   "dtype": dtype}))
         return [arrays["hidden"][s] for s in _splits(arrays["lengths"], sequences)]
+
+    def head(self):
+        """The teacher's lm_head (:class:`kd_llm.models.lm_head.TeacherHead`), to rebuild its logits from served
+        hidden states as ``softcap(W h)``; checked against the hash the identity reported."""
+        from kd_llm.models.lm_head import TeacherHead, head_sha256
+
+        if "hidden" not in self.identity.signal_kinds:
+            raise ServedTeacherError(f"the served teacher at {self.describe()} serves no hidden states: "
+                                     f"{self.identity.extra.get('hidden_unavailable', 'not a kd_llm server')}")
+
+        def fetch(replica):
+            response = self._ok(replica, "GET", HEAD_PATH)
+            meta, arrays = decode_signal(response.content)
+            if meta.get("weights_hash") != self._identity.weights_hash:
+                raise _IdentityChanged(f"{replica.url} sent the lm_head of another teacher")
+            return meta, arrays["weight"]
+
+        meta, weight = self._retrying(fetch)
+        expected = self.identity.extra.get("head_sha256")
+        if head_sha256(weight, meta.get("softcap")) != expected:
+            raise SignalBodyError(f"the lm_head from {self.describe()} does not match the hash its identity reported")
+        return TeacherHead(weight, meta.get("softcap"), bool(meta.get("tied")))
 
     def submit(self, method: str, *args, **kwargs) -> Future:
         """``method`` (``"topk"`` or ``"hidden"``) on a worker thread: a future of its result (prefetch)."""

@@ -44,6 +44,7 @@ HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
 IDENTITY_PATH = "/kd/v1/identity"
 SIGNAL_PATH = "/kd/v1/signal"
 STATS_PATH = "/kd/v1/stats"
+HEAD_PATH = "/kd/v1/head"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 TOKENIZE_PATH = "/tokenize"  # vLLM's tokenizer endpoint (kd_llm's server answers it too)

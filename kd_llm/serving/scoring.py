@@ -7,7 +7,9 @@ kd_llm loads any (folder, .gguf, ``packaged:``, ``embedded:``, Hub id, LoRA adap
 - ``topk``: the ``k`` most likely next tokens per position, their log-probabilities at a temperature and the exact
   log-mass of the rest (what the sparse loss takes);
 - ``hidden``: the final hidden states after the last norm (what the teacher's lm_head reads), for a hidden-state
-  teacher that applies the lm_head in the training process;
+  teacher that applies the lm_head in the training process (served only when the logits are
+  ``softcap(lm_head(h))``, checked with :func:`kd_llm.training.teacher_head.checked_teacher_head`; the head itself is
+  sent once, ``GET /kd/v1/head``);
 - ``completion rows`` for vLLM-compatible ``prompt_logprobs``: top-k at ``T = 1`` plus each prompt token's own
   log-probability and rank.
 
@@ -45,12 +47,24 @@ class ServedModel:
         text_config = self.model.config.get_text_config(decoder=True)
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.max_length = getattr(text_config, "max_position_embeddings", None)
+        # Hidden states stand in for the logits only when they are softcap(lm_head(h)): checked once, here.
+        self.head, head_problem = None, None
+        try:
+            from kd_llm.training.teacher_head import checked_teacher_head
+
+            self.head = checked_teacher_head(self.model, self.vocab_size)
+        except ValueError as error:
+            head_problem = str(error)
+        extra = {"max_model_len": self.max_length}
+        if self.head is not None:
+            extra.update(head_sha256=self.head.sha256, softcap=self.head.softcap)
+        else:
+            extra["hidden_unavailable"] = head_problem
         self.identity = TeacherIdentity(
             model_id=model_id, weights_hash=state_dict_sha256(self.model), tokenizer_hash=tokenizer_sha256(tokenizer),
-            vocab_size=self.vocab_size, signal_kinds=("topk", "hidden"), output_rows=rows,
-            hidden_size=int(text_config.hidden_size), max_k=self.vocab_size,
-            dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            extra={"max_model_len": self.max_length})
+            vocab_size=self.vocab_size, signal_kinds=("topk", "hidden") if self.head is not None else ("topk",),
+            output_rows=rows, hidden_size=int(text_config.hidden_size), max_k=self.vocab_size,
+            dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."), extra=extra)
 
     @classmethod
     def load(cls, spec: str, *, adapter: str | None = None, dtype: str = "float32", device: str = "cpu",

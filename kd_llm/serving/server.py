@@ -11,6 +11,8 @@ Endpoints:
 - ``POST /v1/completions``: the OpenAI/vLLM completions request, for scoring: token-id (or text) prompts,
   ``prompt_logprobs=k``, ``max_tokens`` 0 or 1 (the one token is greedy). The response has vLLM's shape (see
   :mod:`kd_llm.serving.protocol`). This server scores; it does not generate longer completions;
+- ``GET /kd/v1/head``: the teacher's lm_head weight ``[V, d]`` (float32) and soft cap as a binary body, once per
+  client, for a hidden-state teacher whose logits the training process rebuilds as ``softcap(W h)``;
 - ``GET /kd/v1/stats``: requests answered and forward passes run (batching shows as fewer passes than requests);
 - ``POST /kd/v1/signal``: JSON ``{"sequences": [[ids]], "kind": "topk" | "hidden", "k", "temperature",
   "dtype"}`` -> a binary body (:func:`~kd_llm.serving.protocol.encode_signal`) with the rows of every sequence,
@@ -43,6 +45,7 @@ from aiohttp import web
 from kd_llm.serving.protocol import (
     BINARY_CONTENT_TYPE,
     COMPLETIONS_PATH,
+    HEAD_PATH,
     HIDDEN_DTYPES,
     IDENTITY_PATH,
     MODELS_PATH,
@@ -175,6 +178,7 @@ class TeacherServer:
         app.router.add_get(MODELS_PATH, self.models)
         app.router.add_get(IDENTITY_PATH, self.identity)
         app.router.add_get(STATS_PATH, self.stats)
+        app.router.add_get(HEAD_PATH, self.head)
         app.router.add_post(TOKENIZE_PATH, self.tokenize)
         app.router.add_post(COMPLETIONS_PATH, self.completions)
         app.router.add_post(SIGNAL_PATH, self.signal)
@@ -240,6 +244,17 @@ class TeacherServer:
 
     async def identity(self, request):
         return web.json_response(self.served.identity.to_dict())
+
+    async def head(self, request):
+        head = self.served.head
+        if head is None:
+            return _error(404, "this teacher serves no hidden states: "
+                               + str(self.served.identity.extra.get("hidden_unavailable")))
+        body = encode_signal({"weight": head.weight.detach().float().cpu()},
+                             meta={"softcap": head.softcap, "tied": head.tied, "head_sha256": head.sha256,
+                                   "weights_hash": self.served.identity.weights_hash})
+        return web.Response(body=body, content_type=BINARY_CONTENT_TYPE,
+                            headers={WEIGHTS_HASH_HEADER: self.served.identity.weights_hash})
 
     async def stats(self, request):
         return web.json_response({"requests": self.batcher.jobs, "passes": self.batcher.passes})
@@ -341,6 +356,9 @@ class TeacherServer:
                       "log_tail": torch.cat([r[2] for r in rows]).float()}
             meta.update(k=k, temperature=float(temperature))
         else:
+            if "hidden" not in self.served.identity.signal_kinds:
+                raise RequestError("this teacher serves no hidden states: "
+                                   + str(self.served.identity.extra.get("hidden_unavailable")))
             dtype = body.get("dtype", "float32")
             if dtype not in HIDDEN_DTYPES:
                 raise RequestError(f"dtype must be one of {', '.join(HIDDEN_DTYPES)}, got {dtype!r}")
