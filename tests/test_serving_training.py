@@ -165,3 +165,20 @@ def test_on_policy_samples_are_scored_by_the_server(tmp_path, served_teacher, da
     trainer.train()
     assert trainer.served_teacher.requested >= 1  # the student's own samples were asked for when needed
     assert all(torch.isfinite(torch.tensor(e["kd_loss"])) for e in trainer.state.log_history if "kd_loss" in e)
+
+
+def test_parity_against_a_teacher_cache(tmp_path, served_teacher, tiny_teacher_dir, other_teacher_dir, date_dataset,
+                                        char_tokenizer):
+    """A cache of the served teacher passes the parity check (within its float16 codec); a cache of another teacher
+    is refused by its weights hash before any scoring."""
+    from kd_llm.serving.client import TeacherIdentityError
+    from tests.helpers.cache import build
+
+    build(tmp_path / "same", load_model(tiny_teacher_dir), date_dataset, char_tokenizer, k=16, temperature=1.0)
+    trainer = served_trainer(tmp_path / "a", served_teacher.url, date_dataset, char_tokenizer, teacher_top_k=16,
+                             teacher_parity_reference=str(tmp_path / "same"))
+    assert trainer.served_parity["mean_tvd"] < 1e-3 and "teacher cache" in trainer.served_parity["reference"]
+    build(tmp_path / "other", load_model(other_teacher_dir), date_dataset, char_tokenizer, k=16, temperature=1.0)
+    with pytest.raises(TeacherIdentityError, match="teacher cache was made by a teacher with hash"):
+        served_trainer(tmp_path / "b", served_teacher.url, date_dataset, char_tokenizer, teacher_top_k=16,
+                       teacher_parity_reference=str(tmp_path / "other"))
