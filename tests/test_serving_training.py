@@ -49,17 +49,20 @@ class AtStep(TrainerCallback):
             self.action()
 
 
+@pytest.mark.parametrize("protocol", ["kd_llm", "vllm"])
 def test_served_top_k_trains_like_the_local_teacher(tmp_path, served_teacher, tiny_teacher_dir, date_dataset,
-                                                    char_tokenizer):
+                                                    char_tokenizer, protocol):
     """k = V: the sparse objective on the served top-k is the dense one, so the student lands where the local
-    teacher takes it; the parity check against that teacher passes, and every batch was prefetched."""
+    teacher takes it, through kd_llm's binary endpoint or the vLLM-compatible JSON; the parity check against that
+    teacher passes, and every batch was prefetched."""
     teacher = load_model(tiny_teacher_dir)
     local = DistillationTrainer(model=tiny_llama(89, seed=2), teacher_model=teacher,
                                 args=tiny_distillation_config(tmp_path / "local", alpha=0.0, temperature=1.0, **SGD),
                                 train_dataset=date_dataset, processing_class=char_tokenizer)
     local.train()
     served = served_trainer(tmp_path / "served", served_teacher.url, date_dataset, char_tokenizer,
-                            teacher_parity_reference=str(tiny_teacher_dir))
+                            teacher_parity_reference=str(tiny_teacher_dir), teacher_protocol=protocol)
+    assert served.served_teacher.source.identity.server == protocol
     assert served.served_parity["mean_tvd"] < 1e-5 and served.served_parity["top1_agreement"] == 1.0
     served.train()
     moved = max_difference(params(local.model), params(tiny_llama(89, seed=2)))

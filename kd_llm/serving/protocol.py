@@ -174,10 +174,13 @@ def topk_with_tail(logits: torch.Tensor, *, k: int, temperature: float, vocab_si
 
 def tail_from_top(log_probs: torch.Tensor) -> torch.Tensor:
     """``log(1 - sum exp(log_probs))`` per row, for a server that sends no tail (vLLM): ``-inf`` where the top-k
-    hold all the mass up to rounding. Computed as ``log(-expm1(lse))``, accurate when the tail is small."""
+    hold all the mass up to the float32 rounding of their sum (k values of relative error 2^-24 each; e.g. k = V,
+    where a rounding-sized "tail" would be an outcome the student cannot have). Computed as ``log(-expm1(lse))``,
+    accurate when the tail is small."""
     lse = torch.logsumexp(log_probs.double(), dim=-1)
     tail = torch.log(-torch.expm1(lse.clamp(max=0.0)))
-    return tail.float()
+    rounding = math.log(log_probs.shape[-1] * 2.0 ** -23)
+    return torch.where(tail < rounding, torch.full_like(tail, -math.inf), tail).float()
 
 
 # --- vLLM's OpenAI-compatible completions with prompt_logprobs ----------------------------------------------------
