@@ -20,7 +20,7 @@ import datasets
 import torch
 
 from kd_llm.data.formatting import format_prompt
-from kd_llm.data.sources import build_dataset, load_records, supervised_token_count
+from kd_llm.data.sources import build_dataset, evaluation_records, load_records, supervised_token_count
 from kd_llm.distillation_modes import (DistillationModeArguments, TeacherSetup, build_trainer, check_mode_config,
                                       load_teachers, mode_rows, mode_summary, save_distilled, student_factory)
 from kd_llm.evaluation.bits_per_byte import bits_per_byte, load_bpb_text
@@ -30,6 +30,7 @@ from kd_llm.features.distiller import FeatureDistiller
 from kd_llm.hub import HubTarget, without_hub_push
 from kd_llm.models.loading import load_tokenizer
 from kd_llm.models.students import build_student, decoder_layers, rank_layers_by_importance
+from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.report.artifacts import BASELINE_DIR
 from kd_llm.report.checks import check_run_teacher
 from kd_llm.report.recipe import distillation_settings, training_settings
@@ -38,7 +39,7 @@ from kd_llm.serving.settings import is_teacher_url, served_script_problems
 from kd_llm.teacher_cache.reader import check_cache_teacher
 from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
-from kd_llm.training.checkpoints import resume_for_own_run
+from kd_llm.training.checkpoints import check_output_dir, resume_for_own_run
 from kd_llm.training.memory_estimate import report_memory_estimate
 from kd_llm.training.teacher_process import TeacherProcess
 
@@ -78,6 +79,11 @@ class DistillationScriptArguments(DistillationModeArguments):
         default="date_arithmetic",
         metadata={"help": "Training data: date_arithmetic (generated), a JSONL file, a saved dataset folder or a "
                           "Hub dataset id. Records: prompt/completion, messages, or text."},
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out records for the skill evaluation (a JSONL file or dataset folder). Default: the "
+                          "eval split of dataset; a single JSONL file or saved dataset has none, so give one."},
     )
     train_size: int = field(default=2000, metadata={"help": "Labelled training examples to generate or keep."})
     transfer_size: int = field(
@@ -199,6 +205,18 @@ def make_student_factory(args: DistillationScriptArguments, teacher, tokenizer, 
     return build
 
 
+def check_checkpoint_student_tokenizer(args: DistillationScriptArguments, tokenizer, teacher, student) -> None:
+    """A student checkpoint that ships its own tokenizer must share the teacher's: the run trains and saves the
+    student with the teacher's tokenizer, and compares logits token by token (VocabularyMismatchError otherwise)."""
+    if args.student_init != "checkpoint" or not args.student_checkpoint:
+        return
+    folder = Path(args.student_checkpoint)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    reconcile_vocabularies(tokenizer, load_tokenizer(str(folder), trust_remote_code=args.trust_remote_code),
+                           teacher, student)
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -291,6 +309,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     """Run the whole comparison and save the distilled student, its tokenizer and ``results.json`` in
     ``config.output_dir``. With ``push_to_hub``, that folder's allow-listed files are then pushed (kd_llm.hub)."""
     output_dir = Path(config.output_dir)
+    check_output_dir(output_dir)  # a file, or read-only: say so now, not after training
     # --push_to_hub: token, network and repository are checked now, before any work. The trainers never push (nor
     # keep the token in training_args.bin); the output folder is pushed once, at the end, through an allow-list,
     # by the main process only.
@@ -320,13 +339,14 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
                                   use_chat_template=args.use_chat_template, source_name=args.dataset)
     eval_records = None
     if args.evaluate_skills:
-        eval_records = load_records(args.dataset, split="eval", size=args.eval_size, seed=args.problem_seed,
-                                    **task_options)
+        eval_records = evaluation_records(args.dataset, args.eval_dataset, size=args.eval_size,
+                                          seed=args.problem_seed, **task_options)
     # Importance pruning ranks layers by the loss on a few training texts.
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
     new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
     untrained_student = new_student()
+    check_checkpoint_student_tokenizer(args, tokenizer, teacher, untrained_student)
     # Feature terms the two models cannot serve (attention maps of fused-QKV layers, layer maps out of range) are
     # refused now, before the baseline trains; the trainer builds its own distiller.
     FeatureDistiller.from_config(config, untrained_student, teacher)

@@ -26,6 +26,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from kd_llm.errors import KdLlmError
+from kd_llm.models.weight_files import safetensors_problem
 from kd_llm.report.artifacts import (BASELINE_DIR, MODEL_CARD, PLOTS_DIR, REPORT_JSON, REPORT_MARKDOWN,
                                      RESULTS_JSON)
 
@@ -52,7 +54,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_mo
 CHECKPOINT_HUB_STRATEGIES = ("checkpoint", "all_checkpoints")
 
 
-class HubPushError(RuntimeError):
+class HubPushError(KdLlmError, RuntimeError):
     """A push that could not happen; the message says what failed and how to fix it. Nothing local was changed."""
 
 
@@ -205,6 +207,11 @@ def push_output_folder(folder: str | Path, repo_id: str | None, *, token: str | 
     folder = Path(folder)
     check_repo_id(repo_id)
     files = select_files_to_push(folder)
+    for name in files:  # a half-written weight file is refused before anything is sent
+        problem = safetensors_problem(folder / name) if name.endswith(".safetensors") else None
+        if problem is not None:
+            raise HubPushError(f"{folder / name} is damaged: {problem}. Nothing was pushed; save the model again "
+                               "(or let the run finish) and push once every weight file is whole.")
     token = resolve_token(token)
     refuse_files_with_token(folder, files, token)
     api = HfApi()

@@ -20,7 +20,7 @@ import yaml
 
 import datasets
 
-from kd_llm.data.sources import build_dataset, load_records
+from kd_llm.data.sources import build_dataset, evaluation_records, load_records
 from kd_llm.distillation_modes import load_teachers, student_factory
 from kd_llm.experiment import (DistillationScriptArguments, _evaluate, _train, make_student_factory,
                                teacher_transfer_set)
@@ -113,8 +113,8 @@ def run_sweep(sweep: SweepArguments, args: DistillationScriptArguments, config: 
                                  **task_options)
     train_dataset = build_dataset(train_records, tokenizer, max_length=args.max_length,
                                   use_chat_template=args.use_chat_template, source_name=args.dataset)
-    eval_records = load_records(args.dataset, split="eval", size=args.eval_size, seed=args.problem_seed,
-                                **task_options)
+    eval_records = evaluation_records(args.dataset, args.eval_dataset, size=args.eval_size, seed=args.problem_seed,
+                                      **task_options)
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
     new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))

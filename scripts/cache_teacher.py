@@ -13,8 +13,7 @@ of kd_llm.teacher_cache.build.TeacherCacheArguments. Rerunning an interrupted bu
 
 from __future__ import annotations
 
-import sys
-
+from kd_llm.boundary import run_script
 from kd_llm.cli import parse_with_config
 from kd_llm.experiment import DistillationScriptArguments
 from kd_llm.teacher_cache.build import TeacherCacheArguments, build_teacher_cache
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, "cache_teacher")

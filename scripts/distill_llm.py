@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kd_llm.boundary import run_script
 from kd_llm.cli import parse_with_config
 from kd_llm.experiment import DistillationScriptArguments, format_table, run_distillation
-from kd_llm.report.checks import TeacherCheckError
 from kd_llm.training import DistillationConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "date_demo.yaml"
@@ -39,7 +39,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except TeacherCheckError as error:  # a decision, not a crash: say why in one message
-        sys.exit(f"distill_llm: {error}")
+    run_script(main, "distill_llm")  # kd_llm's errors as one line: `distill_llm: <message>` (--debug: traceback)

@@ -10,19 +10,21 @@ import argparse
 import json
 from pathlib import Path
 
+from kd_llm.boundary import run_script
+from kd_llm.cli import ScriptParser, positive_int
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.models.loading import load_model, load_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="Model spec: folder, Hub id, .gguf file, packaged:<name> or embedded:<name>.")
     parser.add_argument("--task", default="date_arithmetic", help="Skill to score (date_arithmetic).")
-    parser.add_argument("--eval_size", type=int, default=500, help="Held-out problems to score.")
+    parser.add_argument("--eval_size", type=positive_int, default=500, help="Held-out problems to score.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the problem generator.")
-    parser.add_argument("--max_new_tokens", type=int, default=160, help="Generation budget per answer.")
-    parser.add_argument("--batch_size", type=int, default=100, help="Prompts generated together.")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=160, help="Generation budget per answer.")
+    parser.add_argument("--batch_size", type=positive_int, default=100, help="Prompts generated together.")
     parser.add_argument("--no_chat_template", action="store_true", help="Give the raw prompt, without the template.")
     parser.add_argument("--trust_remote_code", action="store_true", help="Allow custom modelling code.")
     parser.add_argument("--output", default=None, help="JSON file for the scores (default: print only).")
@@ -46,4 +48,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "evaluate_skills")

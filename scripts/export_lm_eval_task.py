@@ -10,22 +10,23 @@ Use the run's --eval_size, --problem_seed and --prompt_style to score the same p
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from kd_llm.boundary import run_script
+from kd_llm.cli import ScriptParser, positive_int
 from kd_llm.evaluation.lm_eval_task import DEFAULT_TASK_NAME, export_lm_eval_task, lm_eval_command
 from kd_llm.tasks.date_arithmetic import PROMPT_STYLES
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="Folder to write <task_name>.yaml and .jsonl into.")
     parser.add_argument("--task_name", default=DEFAULT_TASK_NAME, help="lm-eval task name.")
-    parser.add_argument("--size", type=int, default=500, help="Held-out problems (the run's eval_size).")
+    parser.add_argument("--size", type=positive_int, default=500, help="Held-out problems (the run's eval_size).")
     parser.add_argument("--seed", type=int, default=0, help="Problem seed (the run's problem_seed).")
     parser.add_argument("--prompt_style", default="compact", choices=PROMPT_STYLES,
                         help="compact (embedded teacher) or verbose (chat LLMs), as the run's prompt_style.")
-    parser.add_argument("--max_gen_toks", type=int, default=160, help="Generation budget (the run's max_new_tokens).")
+    parser.add_argument("--max_gen_toks", type=positive_int, default=160, help="Generation budget (the run's max_new_tokens).")
     args = parser.parse_args(argv)
     config = export_lm_eval_task(args.output_dir, task_name=args.task_name, size=args.size, seed=args.seed,
                                  prompt_style=args.prompt_style, max_gen_toks=args.max_gen_toks)
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "export_lm_eval_task")

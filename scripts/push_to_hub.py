@@ -9,15 +9,15 @@ The token comes from HF_TOKEN or `hf auth login` (safer than --hub_token, which 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 
-from kd_llm.hub import HubPushError, PushResult, push_output_folder
+from kd_llm.boundary import run_script
+from kd_llm.cli import ScriptParser
+from kd_llm.hub import PushResult, push_output_folder
 
 
 def main(argv: list[str] | None = None) -> PushResult:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="The run's output folder (holds config.json etc.).")
     parser.add_argument("--hub_model_id", required=True, help="Repository to push to: namespace/name.")
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the repository private.")
@@ -34,8 +34,4 @@ def main(argv: list[str] | None = None) -> PushResult:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except HubPushError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, "push_to_hub")

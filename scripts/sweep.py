@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kd_llm.boundary import run_script
 from kd_llm.cli import parse_with_config
 from kd_llm.experiment import DistillationScriptArguments
 from kd_llm.sweep import SweepArguments, run_sweep
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main, "sweep")

@@ -13,8 +13,10 @@ import time
 
 from transformers import TrainingArguments
 
+from kd_llm.boundary import run_script
 from kd_llm.cli import parse_with_config
 from kd_llm.data.collator import CausalLMCollator
+from kd_llm.training.argument_checks import check_training_arguments
 from kd_llm.training.checkpoints import last_complete_checkpoint
 from kd_llm.specialist import (
     SpecialistArguments,
@@ -28,6 +30,7 @@ from kd_llm.specialist import (
 
 def main(argv=None):
     args, training_args = parse_with_config((SpecialistArguments, TrainingArguments), argv)
+    check_training_arguments(training_args)  # a negative rate, batch 0, no steps: refused before any work
     tokenizer = build_tokenizer(args)
     model = build_model(args, tokenizer)
     print(f"specialist: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -66,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "train_specialist")

@@ -275,7 +275,7 @@ def test_push_script(hub, run_folder, capsys, monkeypatch):
         runpy.run_path(script, run_name="__main__")
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: The Hub rejected the token (401") and "Traceback" not in err
+    assert err.startswith("push_to_hub: The Hub rejected the token (401") and "Traceback" not in err
 
 
 def test_trainer_push_to_hub_pushes_the_allow_list_only(hub, tmp_path, char_tokenizer, date_dataset):

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from kd_llm.errors import DataError
+
 IGNORE_INDEX = -100
 # Without a chat template, prompt and completion are joined by this, so the model can see where the prompt ends.
 PLAIN_SEPARATOR = "\n"
 RECORD_SHAPES = "{'prompt', 'completion'}, {'messages'} or {'text'}"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """A record that cannot be turned into training data; the message says which and why."""
 
 

@@ -26,8 +26,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataFormatError(f"{path}: line {number} is not UTF-8 text (byte {raw[error.start:error.start + 1]!r} "
+                                      f"at column {error.start + 1}); save the file as UTF-8.") from error
             if not line.strip():
                 continue
             try:
@@ -46,16 +51,27 @@ def load_records(source: str, *, split: str = "train", size: int | None = None, 
                  **task_options) -> list[dict[str, Any]]:
     """Records from ``source``: a built-in task name, a ``.jsonl`` file, a saved dataset folder, or a
     ``datasets.load_dataset`` name. ``size`` limits the count (built-in tasks generate exactly ``size``)."""
+    if size is not None and size < 1:
+        raise DataFormatError(f"{split} size must be at least 1, got {size} (for data source {source!r}).")
     if source == "date_arithmetic":
         problems = date_arithmetic.generate_problems(split, size or 1000, seed=seed, **task_options)
         return date_arithmetic.to_records(problems)
     path = Path(source)
+    single = path.suffix in (".jsonl", ".json") or path.is_file() or (path / "dataset_info.json").is_file() \
+        or (path / "state.json").is_file()
+    if single and split != "train":
+        # One file (or one saved Dataset) has no held-out part: its "eval" records would be its training records.
+        raise DataFormatError(f"Data source {source!r} is a single dataset with no {split} split: evaluating on it "
+                              "would score the student on its own training records. Give held-out records as "
+                              "eval_dataset (a JSONL file or dataset folder), or set evaluate_skills false.")
     if path.suffix in (".jsonl", ".json") or path.is_file():
         records = read_jsonl(path)
     elif (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
         records = list(datasets.load_from_disk(str(path)))
+    elif not path.exists() and _looks_local(source):
+        raise FileNotFoundError(f"Data source {source!r}: no such file or folder ({path.absolute()}).")
     elif path.is_dir() or "/" in source:
-        records = list(datasets.load_dataset(source, split=split))
+        records = _load_hub_or_folder(source, split)
     else:
         raise FileNotFoundError(
             f"Data source {source!r} is neither a built-in task {BUILTIN_TASKS}, nor a JSONL file, nor a dataset "
@@ -64,6 +80,48 @@ def load_records(source: str, *, split: str = "train", size: int | None = None, 
     if not records:
         raise DataFormatError(f"Data source {source!r} ({split}) is empty.")
     return records[:size] if size else records
+
+
+def _all_unknown(labels: list[list[int]], tokenizer) -> int | None:
+    """The first record whose supervised tokens (EOS and padding aside) are all the unknown token, else None."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    ends = {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {unk}
+    for index, row in enumerate(labels):
+        supervised = [t for t in row if t != IGNORE_INDEX and t not in ends]
+        if supervised and all(t == unk for t in supervised):
+            return index
+    return None
+
+
+def _looks_local(source: str) -> bool:
+    """A path, not a Hub id (``owner/name``): starts like a path, or has more than one separator."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def _load_hub_or_folder(source: str, split: str) -> list[dict[str, Any]]:
+    try:
+        return list(datasets.load_dataset(source, split=split))
+    except (ValueError, KeyError) as error:  # e.g. no such split
+        raise DataFormatError(f"Data source {source!r} has no usable {split!r} split ({error}).") from error
+    except Exception as error:  # noqa: BLE001 - the Hub or the network, whatever datasets raises for them
+        if Path(source).is_dir():
+            raise
+        raise DataFormatError(
+            f"Data source {source!r} was taken for a Hugging Face Hub dataset id, and loading it failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Offline (or without "
+            "network), point dataset at a local JSONL file or a folder saved with Dataset.save_to_disk.") from error
+
+
+def evaluation_records(dataset: str, eval_dataset: str | None, *, size: int, seed: int,
+                       **task_options) -> list[dict[str, Any]]:
+    """The held-out records of a run: all of ``eval_dataset`` (up to ``size``) when given, else the eval split of
+    ``dataset``."""
+    if eval_dataset:
+        return load_records(eval_dataset, split="train", size=size, seed=seed,
+                            **(task_options if eval_dataset == "date_arithmetic" else {}))
+    return load_records(dataset, split="eval", size=size, seed=seed, **task_options)
 
 
 def build_dataset(records: list[dict[str, Any]], tokenizer, *, max_length: int | None = None,
@@ -90,6 +148,16 @@ def build_dataset(records: list[dict[str, Any]], tokenizer, *, max_length: int |
         rows["labels"].append(row["labels"])
         if categories is not None:
             categories.append(record["category"])
+    completions = [r.get("completion") for r in records]
+    if all(isinstance(c, str) and not c.strip() for c in completions):
+        raise DataFormatError(f"{source_name}: every completion is empty, so the student would only learn to stop at "
+                              "once. Fill in the completions (or use text records).")
+    unknown = _all_unknown(rows["labels"], tokenizer)
+    if unknown is not None:
+        raise DataFormatError(
+            f"{source_name}, record {unknown}: its supervised text tokenizes entirely into the unknown token "
+            f"{tokenizer.unk_token!r}: this tokenizer does not cover the data (another alphabet or language?). Use "
+            "a tokenizer that does, or fix the data.")
     if masked:
         raise DataFormatError(
             f"{source_name}: {len(masked)} record(s) have every label masked (first: record {masked[0]}), so they "

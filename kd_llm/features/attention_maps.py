@@ -30,11 +30,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kd_llm.errors import KdLlmError
+
 ATTENTION_LOSSES = ("head_mean", "relation")
 _MASKED = torch.finfo(torch.float32).min  # like eager attention: exp() of it is exactly 0, and it stays finite
 
 
-class UnsupportedAttentionError(ValueError):
+class UnsupportedAttentionError(KdLlmError, ValueError):
     """An attention layer whose maps kd_llm cannot rebuild; the message names the layer and what is missing."""
 
 

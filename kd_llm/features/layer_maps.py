@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 import re
 
+from kd_llm.errors import KdLlmError
+
 LAYER_MAP_KEYWORDS = ("uniform", "last", "teacher_layers")
 _PAIR = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 
 
-class LayerMapError(ValueError):
+class LayerMapError(KdLlmError, ValueError):
     """A layer map that cannot be used; the message says what is wrong and how to write it."""
 
 

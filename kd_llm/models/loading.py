@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .packaged import gguf_cache_dir, packaged_model_dir
+from .weight_files import check_weight_files
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -121,6 +122,7 @@ def _check_local_folder(folder: Path, spec: str) -> None:
     if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists():
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"model folder {folder} (from {spec!r}) has safetensors weights but no config.json")
+        check_weight_files(folder)  # a truncated or corrupt file is named now, not deep inside from_pretrained
         return
     pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in folder.glob(pattern)})
     if pickles:

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd_llm.errors import KdLlmError
+
 __all__ = [
     "PACKAGED_MODELS",
     "PackagedModel",
@@ -60,11 +62,11 @@ CONVERSION_FORMAT = "1"
 SOURCE_FILE = "kd_llm_source.json"
 
 
-class PackagedModelNotInstalledError(ImportError):
+class PackagedModelNotInstalledError(KdLlmError, ImportError):
     """The pip package(s) that ship a packaged model are not installed."""
 
 
-class UnknownPackagedModelError(ValueError):
+class UnknownPackagedModelError(KdLlmError, ValueError):
     """No packaged model of that name."""
 
 

@@ -9,6 +9,8 @@ the first :func:`reconcile_vocabularies` columns.
 
 from __future__ import annotations
 
+from kd_llm.errors import KdLlmError
+
 __all__ = ["SPECIAL_TOKEN_ROLES", "VocabularyMismatchError", "reconcile_vocabularies", "tokenizer_vocab_size"]
 
 SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad", "unk")
@@ -19,7 +21,7 @@ _FIX = (
 )
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(KdLlmError, ValueError):
     """Teacher and student cannot be distilled token by token: their vocabularies differ."""
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import math
 
+from kd_llm.errors import KdLlmError
+
 logger = logging.getLogger(__name__)
 SCORE_KEY = "mean_category_exact_match"  # every check and ratio compares this score
 
 
-class TeacherCheckError(RuntimeError):
+class TeacherCheckError(KdLlmError, RuntimeError):
     """The teacher is not good enough to distil from; raised before training, overridden by ``force``."""
 
 

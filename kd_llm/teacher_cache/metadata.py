@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd_llm.errors import KdLlmError
+
 FORMAT = "kd_llm-teacher-cache"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -26,7 +28,7 @@ PAYLOAD_TOP_K, PAYLOAD_HIDDEN = "top_k", "hidden_states"
 PAYLOADS = (PAYLOAD_TOP_K, PAYLOAD_HIDDEN)
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(KdLlmError, ValueError):
     """A teacher cache that cannot be used as asked; the message says what differs and how to fix it."""
 
 
@@ -87,8 +89,15 @@ class CacheMetadata:
             "temperature", "value_codec", "index_dtype", "shard_size", "format_version", "payload", "hidden_dtype",
             "hidden_size", "head_hash")}
 
+    def settings_hash(self) -> str:
+        """sha256 of every field, stored as ``metadata_sha256``: an edited ``metadata.json`` (k, temperature,
+        value_codec ...) no longer matches it, as an edited shard no longer matches its own hash."""
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def to_json(self) -> str:
         values = dataclasses.asdict(self)
+        values["metadata_sha256"] = self.settings_hash()
         values["supervised_tokens"] = self.supervised_tokens
         values["bytes_per_supervised_token"] = (round(self.total_bytes / self.supervised_tokens, 2)
                                                 if self.supervised_tokens else None)
@@ -110,9 +119,16 @@ class CacheMetadata:
             )
         values.pop("supervised_tokens", None)
         values.pop("bytes_per_supervised_token", None)
+        stored_hash = values.pop("metadata_sha256", None)
         values["shards"] = [ShardRecord(**shard) for shard in values.get("shards", [])]
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{name: value for name, value in values.items() if name in names})
+        metadata = cls(**{name: value for name, value in values.items() if name in names})
+        if stored_hash != metadata.settings_hash():
+            raise TeacherCacheError(
+                f"{where} does not match its metadata_sha256: it was edited by hand (or damaged), so its k, "
+                "temperature, value_codec and shard list cannot be trusted. Rebuild the cache with "
+                "scripts/cache_teacher.py (a cache's settings are changed by building it again, not by editing).")
+        return metadata
 
 
 def read_metadata(cache_dir: str | os.PathLike) -> CacheMetadata:

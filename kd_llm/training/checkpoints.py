@@ -41,6 +41,21 @@ DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0", "none", "")
 
 
+def check_output_dir(path: str | Path, what: str = "output_dir") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {str(path)!r} is a file, not a folder: choose another output_dir.")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {str(path)!r} cannot be written: {str(existing)!r} is read-only for this user. "
+                          "Choose a folder you can write to.")
+
+
 def checkpoint_problem(folder: str | Path) -> str | None:
     """Why the checkpoint ``folder`` cannot be resumed from, or None when it is whole."""
     folder = Path(folder)
@@ -215,6 +230,8 @@ class AtomicCheckpointMixin:
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if self.args.should_save:
+            check_output_dir(self.args.output_dir)
         quiet = lambda line: None  # noqa: E731  (one process names the skipped checkpoints)
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir,
                                 print_fn=print if self.args.process_index == 0 else quiet)

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from kd_llm.data.packing import OVERLONG_CHOICES
+from kd_llm.errors import ConfigError
 from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
 from kd_llm.serving.settings import served_teacher_config_problems
 from kd_llm.teacher_cache.training import teacher_cache_config_problems
+from kd_llm.training.argument_checks import training_arguments_problems
 from kd_llm.training.fused_path import FUSED_LOSS_CHOICES
 from kd_llm.training.schedules import TEMPERATURE_SCHEDULES
 
@@ -283,8 +285,9 @@ class DistillationConfig(TrainingArguments):
         problems.extend(feature_config_problems(self))
         problems.extend(teacher_cache_config_problems(self))
         problems.extend(served_teacher_config_problems(self))
+        problems.extend(training_arguments_problems(self))
         if problems:
-            raise ValueError("Invalid DistillationConfig: " + "; ".join(problems) + ".")
+            raise ConfigError("Invalid DistillationConfig: " + "; ".join(problems) + ".")
 
 
 def packing_config_problems(config) -> list[str]:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
+from kd_llm.errors import KdLlmError
 from kd_llm.losses.fused import soft_cap
 
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -47,7 +48,7 @@ _POLL_SECONDS = 0.5  # how often a waiting parent checks that the child is alive
 _STOP_SECONDS = 10.0  # how long close() waits for the child to stop before terminating it
 
 
-class TeacherProcessError(RuntimeError):
+class TeacherProcessError(KdLlmError, RuntimeError):
     """The side-process teacher failed (to load, or on a request), died, or did not answer in time."""
 
 
