@@ -39,7 +39,7 @@ from kd_llm.serving.settings import is_teacher_url, served_script_problems
 from kd_llm.teacher_cache.reader import check_cache_teacher
 from kd_llm.teacher_cache.training import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
-from kd_llm.training.checkpoints import check_output_dir, resume_for_own_run
+from kd_llm.training.checkpoints import check_output_dir, resolve_resume, resume_for_own_run
 from kd_llm.training.memory_estimate import report_memory_estimate
 from kd_llm.training.teacher_process import TeacherProcess
 
@@ -310,6 +310,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     ``config.output_dir``. With ``push_to_hub``, that folder's allow-listed files are then pushed (kd_llm.hub)."""
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir)  # a file, or read-only: say so now, not after training
+    # A checkpoint the KD run cannot resume from is refused now, not after the baseline trained (the trainer checks
+    # again, and names the incomplete checkpoints it skips).
+    resolve_resume(config.resume_from_checkpoint, output_dir, print_fn=lambda line: None)
     # --push_to_hub: token, network and repository are checked now, before any work. The trainers never push (nor
     # keep the token in training_args.bin); the output folder is pushed once, at the end, through an allow-list,
     # by the main process only.

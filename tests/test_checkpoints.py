@@ -3,7 +3,13 @@ what they skip, refusals of missing, partial, corrupt or optimizer-less checkpoi
 
 import errno
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,8 @@ from kd_llm import DistillationTrainer
 from kd_llm.errors import CheckpointError, KdLlmError, OutputError
 from kd_llm.training.checkpoints import STAGING_PREFIX, checkpoint_problem, last_complete_checkpoint
 from tests.conftest import tiny_distillation_config as make_config, tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def trainer_for(folder, tokenizer, dataset, **overrides):
@@ -142,3 +150,31 @@ def test_checkpoints_keep_their_rotation_and_best_model_path(tmp_path, char_toke
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and STAGING_PREFIX not in json.dumps(state)
+
+
+def test_killed_during_a_checkpoint_save_resumes_from_the_last_complete_one(full_run, tmp_path, char_tokenizer,
+                                                                           date_dataset, capsys):
+    """kill -9 while checkpoint-4 is half on disk; resume_from_checkpoint true then takes checkpoint-2 (naming the
+    interrupted save) and ends with the weights of the uninterrupted run."""
+    marker = tmp_path / "saving"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.save_kill_run", str(tmp_path), str(marker)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the child never reached the checkpoint-4 save"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.iterdir()) == [f"{STAGING_PREFIX}checkpoint-4", "checkpoint-2"]
+    trainer = trainer_for(tmp_path, char_tokenizer, date_dataset)
+    trainer.train(resume_from_checkpoint=True)
+    assert f"skipping {run_dir / (STAGING_PREFIX + 'checkpoint-4')}" in capsys.readouterr().out
+    assert same(weights(trainer.model), full_run[1])
