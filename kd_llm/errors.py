@@ -31,3 +31,7 @@ class CheckpointError(KdLlmError, ValueError):
 
 class OutputError(KdLlmError, OSError):
     """An output folder or file that cannot be written (not a folder, read-only, disk full)."""
+
+
+class MissingPathError(KdLlmError, FileNotFoundError):
+    """A file or folder the user named that does not exist."""

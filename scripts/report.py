@@ -20,7 +20,7 @@ from pathlib import Path
 from kd_llm.boundary import run_script
 from kd_llm.cli import ScriptParser, positive_int
 from kd_llm.data.sources import evaluation_records
-from kd_llm.errors import ModelFileError
+from kd_llm.errors import MissingPathError
 from kd_llm.report.artifacts import RESULTS_JSON
 from kd_llm.report.measure import BenchmarkSettings
 from kd_llm.report.run import report_on_checkpoints
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     for folder in [*args.student, *([args.baseline] if args.baseline else [])]:
         if not Path(folder).is_dir():
-            raise ModelFileError(f"{folder} is not a folder; --student and --baseline take model folders saved "
+            raise MissingPathError(f"{folder} is not a folder; --student and --baseline take model folders saved "
                                     "by a run (config.json + model.safetensors).")
     settings = evaluation_settings(args)
     task_options = {"prompt_style": settings["prompt_style"]} if settings["dataset"] == "date_arithmetic" else {}

@@ -95,6 +95,17 @@ def world(tmp_path_factory, tiny_teacher_dir):
     (root / "not_a_cache").mkdir()
     w["not_a_cache"] = str(root / "not_a_cache")
 
+    # A student checkpoint that ships its own tokenizer, one token longer than the teacher's.
+    from kd_llm.models.char_tokenizer import build_char_tokenizer
+    from tests.conftest import tiny_llama
+
+    other = build_char_tokenizer()
+    other.add_tokens(["<extra>"])
+    student = root / "other_tokenizer_student"
+    tiny_llama(len(other), seed=3).save_pretrained(student)
+    other.save_pretrained(student)
+    w["other_tokenizer_student"] = str(student)
+
     # A run folder whose model.safetensors is half-written.
     run = root / "half_written_run"
     shutil.copytree(tiny_teacher_dir, run)
@@ -173,6 +184,9 @@ CASES = [
      lambda w: f"model folder {w['pickled_teacher']} (from {w['pickled_teacher']!r}) only has pickled PyTorch weights"),
     ("more layers than the teacher", "distill_llm", lambda w: distill(w, "--student_num_layers", "3"),
      "student_num_layers=3, but a pruned student keeps between 1 and the teacher's 2 layers"),
+    ("student checkpoint with its own tokenizer", "distill_llm",
+     lambda w: [*distill(w), "--student_init", "checkpoint", "--student_checkpoint", w["other_tokenizer_student"]],
+     "teacher and student tokenizers differ"),
     ("unknown embedded model", "distill_llm", lambda w: [*distill(w), "--teacher", "embedded:nope"],
      "unknown embedded model"),
     # -- data

@@ -72,3 +72,19 @@ def test_gpt2_attention_maps_are_refused_through_the_script_before_any_work(gpt2
         distill_llm.main(["--teacher", str(gpt2_teacher_dir), "--output_dir", str(tmp_path / "o"), *QUICK,
                           "--max_steps", "2", "--attention_weight", "1", "--precompute_teacher_logits", "false"])
     assert not (tmp_path / "o").exists()  # not even the baseline trained
+
+
+def test_a_jsonl_run_scores_its_eval_dataset_not_its_training_file(tiny_teacher_dir, tmp_path):
+    def write(name, count, offset):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i), "answer": str(2 * i)})
+                                  for i in range(offset, offset + count)))
+        return str(path)
+
+    train, held_out = write("train.jsonl", 6, 0), write("eval.jsonl", 3, 100)
+    results = distill_llm.main(["--teacher", str(tiny_teacher_dir), "--output_dir", str(tmp_path / "o"), *QUICK,
+                                "--dataset", train, "--eval_dataset", held_out, "--evaluate_skills", "true",
+                                "--eval_size", "10", "--max_new_tokens", "4", "--max_steps", "1", "--force", "true",
+                                "--compare_hard_labels", "false"])
+    teacher = results["models"][0]
+    assert teacher["model"] == "teacher" and teacher["count"] == 3  # the 3 held-out records, not the 6
