@@ -14,7 +14,7 @@ import dataclasses
 DESCRIBED = {"alpha", "temperature", "final_temperature", "temperature_schedule", "distillation_loss", "beta", "skew",
              "l2_weight", "precompute_teacher_logits", "lmbda", "seq_kd", "seq_kd_decoding",
              "generation_max_new_tokens", "generation_temperature", "remove_unused_columns",
-             "packing", "packing_max_length", "packing_overlong"}
+             "packing", "packing_max_length", "packing_overlong", "length_grouping", "generation_buffer"}
 LAYER_TERMS = ("hidden", "attention", "attn", "feature", "layer_map")
 
 CITATIONS = {

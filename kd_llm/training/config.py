@@ -135,6 +135,13 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Longest completion the student (lmbda) or teacher (seq_kd) generates during training; "
                           "one that reaches it is kept without an EOS. >= 1."},
     )
+    generation_buffer: int = field(
+        default=0,
+        metadata={"help": "On-policy / seq_kd generation buffer: micro-batches whose completions one generate call "
+                          "writes. 0: all of the optimizer step's (one call per model and step); 1: one call per "
+                          "micro-batch; n: n at a time, to bound generation memory. Each micro-batch still samples "
+                          "from its own seed, so the samples do not depend on it. >= 0."},
+    )
     generation_temperature: float = field(
         default=1.0,
         metadata={"help": "Sampling temperature of on-policy (and seq_kd=sample) generation, separate from the loss "
@@ -261,6 +268,9 @@ class DistillationConfig(TrainingArguments):
             problems.append(f"l2_weight must be >= 0, got {self.l2_weight}")
         if not 0.0 <= self.lmbda <= 1.0:
             problems.append(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if not isinstance(self.generation_buffer, int) or self.generation_buffer < 0:
+            problems.append(f"generation_buffer must be an integer >= 0 (0: the whole step), got "
+                            f"{self.generation_buffer!r}")
         if self.generation_max_new_tokens < 1:
             problems.append(f"generation_max_new_tokens must be >= 1, got {self.generation_max_new_tokens}")
         if not self.generation_temperature > 0:

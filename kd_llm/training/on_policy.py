@@ -138,24 +138,56 @@ def eos_ids_of(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class _SeededGroupSampler(LogitsProcessor):
+    """Samples each group of rows from ``softmax(scores / temperature)`` with the group's own seeded generator, and
+    returns scores that keep only the drawn token, so greedy selection takes it.
+
+    ``generate``'s own sampling draws ``torch.multinomial`` over the whole batch from the global RNG; a group here
+    draws the same rows from a generator seeded as that RNG was, so one batched call writes, for each group, what a
+    call on that group alone under ``torch.manual_seed(seed)`` writes (the generation buffer's guarantee)."""
+
+    def __init__(self, groups: list[tuple[int, int, int]], temperature: float, device: torch.device):
+        self.temperature = temperature
+        self.groups = [(start, stop, torch.Generator(device=device).manual_seed(seed)) for start, stop, seed in groups]
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores / self.temperature, dim=-1)
+        tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for start, stop, generator in self.groups:
+            tokens[start:stop] = torch.multinomial(probs[start:stop], num_samples=1, generator=generator).squeeze(1)
+        kept = torch.full_like(scores, -float("inf"))
+        return kept.scatter_(1, tokens[:, None], 0.0)
+
+
 @torch.no_grad()
 def generate_completions(model, prompts: list[list[int]], *, pad_token_id: int, eos_ids: list[int],
                          max_new_tokens: int, do_sample: bool, temperature: float = 1.0, seed: int | None = None,
-                         vocab_size: int | None = None) -> list[list[int]]:
+                         vocab_size: int | None = None,
+                         seed_groups: list[tuple[int, int, int]] | None = None) -> list[list[int]]:
     """One completion per prompt, in a single left-padded, KV-cached ``generate`` call, each cut after its first EOS.
+    ``generate`` stops each row at its EOS (padding it afterwards) and the call when every row has stopped.
 
     With ``do_sample`` it draws from ``softmax(logits / temperature)`` untruncated, under ``torch.manual_seed(seed)``
-    inside a forked RNG, so the global RNG is left as it was. The model's train/eval mode is restored.
+    inside a forked RNG, so the global RNG is left as it was; or, given ``seed_groups`` (``(start, stop, seed)`` row
+    ranges covering the prompts), each range from its own seeded generator, as if it were generated alone (the
+    buffer of :class:`CompletionGenerator`). The model's train/eval mode is restored.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
     options = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad_token_id,
                    eos_token_id=eos_ids, num_beams=1)
-    if do_sample:
-        options.update(PLAIN_SAMPLING, temperature=temperature)
+    processors = []
     width = model.get_output_embeddings().weight.shape[0]
     if vocab_size is not None and vocab_size < width:
-        options["logits_processor"] = LogitsProcessorList([_KeepVocabulary(vocab_size)])
+        processors.append(_KeepVocabulary(vocab_size))
+    if do_sample and seed_groups is not None:
+        # Greedy selection of the one token each group's sampler kept; no other processor may act after it.
+        options.update(do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+        processors.append(_SeededGroupSampler(seed_groups, temperature, device))
+    elif do_sample:
+        options.update(PLAIN_SAMPLING, temperature=temperature)
+    if processors:
+        options["logits_processor"] = LogitsProcessorList(processors)
     was_training = model.training
     model.eval()
     try:
@@ -180,6 +212,8 @@ class GenerationStats:
     on_policy_batches: int = 0
     seq_kd_batches: int = 0
     steps: int = 0
+    generate_calls: int = 0
+    window_started: float | None = None  # when the first step of this logging window began
 
     def summary(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda value: value) -> dict[str, float]:
         """Per optimizer step (and per process, averaged over processes by ``reduce``) over the logging window."""
@@ -194,7 +228,13 @@ class GenerationStats:
             "generated_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
             "on_policy_fraction": round(on_policy / max(micro, 1.0), 4),
             "seq_kd_fraction": round(seq_kd / max(micro, 1.0), 4),
+            # The share of the steps' wall time spent generating (this window's steps are complete at log time).
+            "generation_share": round(seconds / elapsed, 4) if (elapsed := self._elapsed()) > 0 else 0.0,
+            "generate_calls": round(self.generate_calls / self.steps, 2),
         }
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.window_started if self.window_started is not None else 0.0
 
 
 class CompletionGenerator:
@@ -202,12 +242,15 @@ class CompletionGenerator:
     teacher's generations (``seq_kd``, the others). Built by :meth:`from_config` when either is on."""
 
     def __init__(self, *, lmbda: float, seq_kd: bool, seq_kd_decoding: str, max_new_tokens: int, temperature: float,
-                 seed: int, pad_token_id: int, tokenizer, vocab_size: int | None = None):
+                 seed: int, pad_token_id: int, tokenizer, vocab_size: int | None = None, buffer: int = 0):
         if seq_kd_decoding not in SEQ_KD_DECODING:
             raise ValueError(f"seq_kd_decoding must be one of {SEQ_KD_DECODING}, got {seq_kd_decoding!r}.")
         self.lmbda, self.seq_kd, self.seq_kd_decoding = lmbda, seq_kd, seq_kd_decoding
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.pad_token_id, self.tokenizer, self.vocab_size = pad_token_id, tokenizer, vocab_size
+        if buffer < 0:
+            raise ValueError(f"buffer must be >= 0 (0: every micro-batch of the step in one call), got {buffer}.")
+        self.buffer = buffer
         self.stats = GenerationStats()
         self.totals = GenerationStats()  # the whole run, for results.json
         # Greedy teacher targets depend on the prompt alone: generate each once, reuse it in every later epoch.
@@ -221,7 +264,8 @@ class CompletionGenerator:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(lmbda=args.lmbda, seq_kd=args.seq_kd, seq_kd_decoding=args.seq_kd_decoding,
                    max_new_tokens=args.generation_max_new_tokens, temperature=args.generation_temperature,
-                   seed=args.seed, pad_token_id=pad_id, tokenizer=tokenizer, vocab_size=vocab_size)
+                   seed=args.seed, pad_token_id=pad_id, tokenizer=tokenizer, vocab_size=vocab_size,
+                   buffer=args.generation_buffer)
 
     def source_of(self, step: int, micro_batch: int) -> str | None:
         """``"student"``, ``"teacher"`` or None (keep the dataset's completion) for one micro-batch."""
@@ -231,55 +275,94 @@ class CompletionGenerator:
 
     def replace(self, batches: list[dict], *, step: int, student, teacher, process_index: int = 0,
                 autocast=None) -> list[dict]:
-        """The micro-batches of optimizer step ``step``, each kept or rebuilt with generated completions."""
+        """The micro-batches of optimizer step ``step``, each kept or rebuilt with generated completions.
+
+        The generation buffer: the completions of all micro-batches of the step that need one are written in one
+        ``generate`` call per model (``buffer`` micro-batches a call when > 0), each micro-batch still sampled from
+        its own seed, so the samples are those of one call per micro-batch (``buffer=1``)."""
+        if self.stats.window_started is None:
+            self.stats.window_started = time.perf_counter()
+        sources = [self.source_of(step, index) for index in range(len(batches))]
+        prompts = {index: prompts_from_labels(batch["input_ids"], batch["labels"])
+                   for index, (batch, source) in enumerate(zip(batches, sources)) if source is not None}
+        started = time.perf_counter()
+        completions: dict[int, list[list[int]]] = {}
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            on_policy = [index for index in prompts if sources[index] == STUDENT]
+            for group in self._chunks(on_policy):
+                completions.update(self._sample(student, group, prompts, step, process_index, STUDENT))
+            written = [index for index in prompts if sources[index] == TEACHER]
+            if self.seq_kd_decoding == "sample":
+                for group in self._chunks(written):
+                    completions.update(self._sample(teacher, group, prompts, step, process_index, TEACHER))
+            elif written:
+                completions.update(self._greedy_teacher_targets(teacher, written, prompts))
+        self.stats.seconds += time.perf_counter() - started
         out = []
-        for index, batch in enumerate(batches):
-            source = self.source_of(step, index)
+        for index, (batch, source) in enumerate(zip(batches, sources)):
             if source is None:
                 out.append(batch)
                 continue
-            device = batch["input_ids"].device
-            prompts = prompts_from_labels(batch["input_ids"], batch["labels"])
-            started = time.perf_counter()
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                if source == STUDENT:
-                    completions = self._generate(student, prompts, do_sample=True,
-                                                 seed=generation_seed(self.seed, step, index, process_index, STUDENT))
-                else:
-                    completions = self._teacher_targets(teacher, prompts, step, index, process_index)
-            self.stats.seconds += time.perf_counter() - started
             self.stats.on_policy_batches += source == STUDENT
             self.stats.seq_kd_batches += source == TEACHER
-            new = build_completion_batch(prompts, completions, self.pad_token_id, source)
+            new = build_completion_batch(prompts[index], completions[index], self.pad_token_id, source)
+            device = batch["input_ids"].device
             out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in new.items()})
         self.stats.micro_batches += len(batches)
         self.stats.steps += 1
         return out
 
-    def _generate(self, model, prompts, *, do_sample: bool, seed: int | None) -> list[list[int]]:
+    def _chunks(self, indices: list[int]) -> list[list[int]]:
+        size = self.buffer or max(len(indices), 1)
+        return [indices[start:start + size] for start in range(0, len(indices), size)]
+
+    def _sample(self, model, group: list[int], prompts: dict, step: int, process_index: int,
+                role: str) -> dict[int, list[list[int]]]:
+        """Sampled completions of the micro-batches ``group`` in one call, each from its own seed."""
+        rows, seed_groups = [], []
+        for index in group:
+            seed_groups.append((len(rows), len(rows) + len(prompts[index]),
+                                generation_seed(self.seed, step, index, process_index, role)))
+            rows.extend(prompts[index])
+        generated = self._generate(model, rows, do_sample=True, seed=None, seed_groups=seed_groups)
+        return {index: generated[start:stop] for index, (start, stop, _) in zip(group, seed_groups)}
+
+    def _generate(self, model, prompts, *, do_sample: bool, seed: int | None,
+                  seed_groups: list[tuple[int, int, int]] | None = None) -> list[list[int]]:
         completions = generate_completions(model, prompts, pad_token_id=self.pad_token_id,
                                            eos_ids=eos_ids_of(model, self.tokenizer),
                                            max_new_tokens=self.max_new_tokens, do_sample=do_sample,
-                                           temperature=self.temperature, seed=seed, vocab_size=self.vocab_size)
+                                           temperature=self.temperature, seed=seed, vocab_size=self.vocab_size,
+                                           seed_groups=seed_groups)
         self.stats.tokens += sum(len(c) for c in completions)  # what was generated (memoised targets cost nothing)
+        self.stats.generate_calls += 1
         return completions
 
-    def _teacher_targets(self, teacher, prompts, step: int, index: int, process_index: int) -> list[list[int]]:
-        if self.seq_kd_decoding == "sample":
-            return self._generate(teacher, prompts, do_sample=True,
-                                  seed=generation_seed(self.seed, step, index, process_index, TEACHER))
-        keys = [np.asarray(p, dtype=np.int32).tobytes() for p in prompts]
-        missing = {key: prompt for key, prompt in zip(keys, prompts) if key not in self._greedy_targets}
+    def _greedy_teacher_targets(self, teacher, group: list[int], prompts: dict) -> dict[int, list[list[int]]]:
+        """Greedy teacher targets depend on the prompt alone: the prompts not seen before, across the micro-batches
+        ``group``, written in one call (``buffer`` micro-batches' worth a call when > 0), then reused."""
+        missing = {}
+        for index in group:
+            for prompt in prompts[index]:
+                key = np.asarray(prompt, dtype=np.int32).tobytes()
+                if key not in self._greedy_targets:
+                    missing[key] = prompt
         if missing:
-            written = self._generate(teacher, list(missing.values()), do_sample=False, seed=None)
-            for key, completion in zip(missing, written):
-                self._greedy_targets[key] = np.asarray(completion, dtype=np.int32)
-        return [self._greedy_targets[key].tolist() for key in keys]
+            keys = list(missing)
+            per_call = self.buffer * max(len(prompts[i]) for i in group) if self.buffer else len(keys)
+            for start in range(0, len(keys), per_call):
+                chunk = keys[start:start + per_call]
+                written = self._generate(teacher, [missing[key] for key in chunk], do_sample=False, seed=None)
+                for key, completion in zip(chunk, written):
+                    self._greedy_targets[key] = np.asarray(completion, dtype=np.int32)
+        return {index: [self._greedy_targets[np.asarray(p, dtype=np.int32).tobytes()].tolist() for p in prompts[index]]
+                for index in group}
 
     def pop_log_metrics(self, reduce=lambda value: value) -> dict[str, float]:
         """The generation cost since the last call (see :meth:`GenerationStats.summary`), then reset."""
         summary = self.stats.summary(reduce)
-        for name in ("seconds", "tokens", "micro_batches", "on_policy_batches", "seq_kd_batches", "steps"):
+        for name in ("seconds", "tokens", "micro_batches", "on_policy_batches", "seq_kd_batches", "steps",
+                     "generate_calls"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(self.stats, name))
         self.stats = GenerationStats()
         return summary
