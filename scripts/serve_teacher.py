@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from kd_llm.boundary import run_script
 from kd_llm.serving.scoring import ServedModel
 from kd_llm.serving.server import ServerLimits, TeacherServer, serve
 
@@ -81,4 +82,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "serve_teacher")

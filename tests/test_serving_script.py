@@ -58,3 +58,13 @@ def test_a_served_teacher_refuses_what_needs_its_weights_before_any_work(tmp_pat
         distill_llm.main(["--teacher", "http://127.0.0.1:9", "--output_dir", str(tmp_path / "o"),
                           "--student_init", "scaled", "--write_report", "false"])
     assert not (tmp_path / "o").exists()
+
+
+def test_serve_teacher_refuses_a_missing_teacher_in_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_teacher.py"), "--teacher",
+                             str(tmp_path / "no_teacher"), "--port", "0"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("serve_teacher: ") and "does not exist" in last and "Traceback" not in result.stderr
