@@ -128,6 +128,26 @@ def bench_batching(teacher, student, tokenizer, dataset, steps: int, batch: int,
     return out
 
 
+def token_ratios(tokenizer, dataset, batch: int, accumulation: int, steps: int = 16) -> dict:
+    """Tokens computed per supervised token of each batching over ``steps`` optimizer steps (no model runs: the
+    trainers' dataloaders only), e.g. where length grouping has several micro-batches per step to sort into."""
+    teacher, student = build_models(tiny=True)
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        modes = {**MODES, "packed_512": dict(packing=True, packing_max_length=512)}  # rows of the data's longest
+        for mode, extra in modes.items():
+            trainer = make_trainer(teacher, student, tokenizer, dataset, folder, per_device_train_batch_size=batch,
+                                   gradient_accumulation_steps=accumulation, **extra)
+            computed = supervised = 0
+            for index, inputs in enumerate(trainer.get_train_dataloader()):
+                if index == steps * accumulation:
+                    break
+                computed += inputs["input_ids"].numel()
+                supervised += int((inputs["labels"][:, 1:] != -100).sum())
+            out[mode] = round(computed / supervised, 3)
+    return out
+
+
 def bench_on_policy(teacher, student, tokenizer, dataset, steps: int, batch: int, accumulation: int,
                     new_tokens: int) -> dict:
     out = {}
@@ -171,6 +191,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--accumulation", type=int, default=1, help="batching: micro-batches per step")
     parser.add_argument("--on-policy-batch", type=int, default=2)
     parser.add_argument("--on-policy-accumulation", type=int, default=4)
+    parser.add_argument("--tokens-only", default="", help="only tokens computed per supervised token, for each "
+                        "comma-separated BATCHxACCUMULATION (e.g. 8x1,2x4); no timing")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -180,6 +202,13 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(packaged_tokenizer_dir("smollm2-135m-instruct"))
     dataset = length_mix(tokenizer, 64 if args.tiny else 256)
     lengths = sorted(dataset["length"])
+    if args.tokens_only:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.tokens_only.split(",")]
+        result = {"length_mix_examples": len(lengths),
+                  "tokens_computed_per_supervised": {f"{b}x{a}": token_ratios(tokenizer, dataset, b, a)
+                                                     for b, a in shapes}}
+        write_json(args.output or RESULTS_DIR / "packing_token_ratios.json", result)
+        return result
     teacher, student = build_models(args.tiny)
     steps = 1 if args.tiny else args.steps
     result = {
