@@ -56,5 +56,6 @@ def test_packing_benchmark_compares_the_three_batchings_and_the_generation_buffe
     supervised = {mode: row["supervised_tokens_per_step"] for mode, row in batching.items()}
     assert len(set(supervised.values())) == 1  # equal supervised tokens per step
     computed = {mode: row["tokens_computed_per_supervised"] for mode, row in batching.items()}
-    assert computed["packed"] < computed["padded"] and computed["grouped"] < computed["padded"]
+    # Step grouping sorts within an optimizer step: with one micro-batch a step (the default) it changes nothing.
+    assert computed["packed"] < computed["padded"] and computed["grouped"] <= computed["padded"]
     assert set(result["on_policy"]) == {"per_micro_batch", "buffer"}
