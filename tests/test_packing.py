@@ -78,13 +78,18 @@ def test_packed_layout_restarts_positions_and_masks_each_examples_first_label():
     assert (labels[:, 1:] != IGNORE_INDEX).sum() == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def test_overlong_examples_are_refused_or_truncated_never_split():
+def test_overlong_examples_are_refused_or_truncated_never_split(caplog):
     features = examples([4, 11, 6])
     with pytest.raises(ValueError, match="11 tokens, more than packing_max_length=8"):
         PackingCollator(0, max_length=8)(features)
     collator = PackingCollator(0, max_length=8, overlong="truncate")
-    batch = collator(features)
-    assert collator.truncated == 1
+    with caplog.at_level("WARNING", logger="kd_llm.data.packing"):
+        batch = collator(features)
+        collator(features)
+    assert collator.truncated == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "packing_overlong=truncate: an example of 11 tokens was cut to packing_max_length=8 (further cuts are "
+        "counted, not logged)."]
     assert batch["input_ids"].shape[1] <= 8
     assert batch["input_ids"][batch[PACKED_EXAMPLE_KEY] == 1].tolist() == features[1]["input_ids"][:8]
     with pytest.raises(ValueError, match="overlong must be one of"):

@@ -23,6 +23,7 @@ Every model (student and teacher) is called with :func:`model_inputs`, so both s
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from kd_llm.data.formatting import IGNORE_INDEX
 
+logger = logging.getLogger(__name__)
 PACKED_EXAMPLE_KEY = "packed_example_ids"
 OVERLONG_CHOICES = ("error", "truncate")
 # Attention implementations whose masks transformers builds from packed position_ids (see the module docstring).
@@ -94,6 +96,10 @@ class PackingCollator:
                         "Raise packing_max_length, cut examples when building the dataset (max_length), or set "
                         "packing_overlong=truncate.")
                 ids[i], labels[i] = tokens[:capacity], labels[i][:capacity]
+                if self.truncated == 0:  # said once, then counted in `truncated`
+                    logger.warning("packing_overlong=truncate: an example of %d tokens was cut to "
+                                   "packing_max_length=%d (further cuts are counted, not logged).",
+                                   len(tokens), capacity)
                 self.truncated += 1
         rows = best_fit([len(x) for x in ids], capacity)
         width = max(sum(len(ids[i]) for i in row) for row in rows)
