@@ -46,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, machine_info, median, write_json  # noqa: E402
 from kd_llm.losses import distillation_objective, fused_distillation_objective  # noqa: E402
-from kd_llm.training.fused_path import FUSED_FORWARD_KWARGS  # noqa: E402
+from kd_llm.training.targets.heads import FUSED_FORWARD_KWARGS  # noqa: E402
 
 # SmolLM2-135M's shape (the teacher); the student keeps 15 of its 30 layers, as configs/smollm2_pruned.yaml does.
 PRESETS = {

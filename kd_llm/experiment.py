@@ -37,10 +37,11 @@ from kd_llm.report.recipe import distillation_settings, training_settings
 from kd_llm.secret_filter import redact_secrets
 from kd_llm.serving.settings import is_teacher_url, served_script_problems
 from kd_llm.teacher_cache.reader import check_cache_teacher
-from kd_llm.teacher_cache.training import cache_summary
+from kd_llm.teacher_cache.metadata import cache_summary
 from kd_llm.training import DistillationConfig, DistillationTrainer
 from kd_llm.training.checkpoints import check_output_dir, resolve_resume, resume_for_own_run
 from kd_llm.training.memory_estimate import report_memory_estimate
+from kd_llm.training.rules import MODES, RunShape, teacher_source
 from kd_llm.training.teacher_process import TeacherProcess
 
 
@@ -274,26 +275,12 @@ def teacher_transfer_set(teacher, tokenizer, args: DistillationScriptArguments, 
                          source_name="teacher transfer set")
 
 
-def _cache_serves_the_logits(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
-    """Plain offline distillation of one teacher's logits from a teacher cache: no seq_kd (the teacher would write
-    completions), no feature terms (they read its hidden states), no ensemble or other mode."""
-    return (bool(config.teacher_cache) and config.alpha < 1 and not config.seq_kd
-            and not config.hidden_weight and not config.attention_weight
-            and args.distillation_mode == "offline" and not args.extra_teachers)
-
-
-def kd_needs_no_teacher(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
-    """Whether the teacher cache serves everything the KD training run asks of the teacher: plain offline
-    distillation of the logits on the dataset's completions (no on-policy or seq_kd generation, no feature terms,
-    one teacher)."""
-    return _cache_serves_the_logits(args, config) and config.lmbda == 0
-
-
-def kd_teacher_in_side_process(args: DistillationScriptArguments, config: DistillationConfig) -> bool:
-    """Whether the KD run scores the student's on-policy samples with a teacher in a side process
-    (:class:`~kd_llm.training.teacher_process.TeacherProcess`) while the cache serves the dataset batches: as
-    :func:`kd_needs_no_teacher`, but with ``lmbda > 0``. The training process then holds no teacher either."""
-    return _cache_serves_the_logits(args, config) and config.lmbda > 0
+def kd_run_shape(args: DistillationScriptArguments, config: DistillationConfig) -> RunShape:
+    """The KD training run's shape for the rule book: its mode, and where its teacher is (a teacher cache may serve
+    everything, or everything but the on-policy samples, which a side process then scores)."""
+    mode = "ensemble" if args.extra_teachers else args.distillation_mode
+    teacher = teacher_source(config, mode)
+    return RunShape(mode=mode if mode in MODES else "offline", teacher=teacher, processes=config.world_size)
 
 
 def side_process_teacher(args: DistillationScriptArguments, config: DistillationConfig) -> TeacherProcess:
@@ -319,7 +306,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     hub_target = HubTarget.from_training_args(config) if config.push_to_hub and config.process_index == 0 else None
     config = without_hub_push(config)
     check_mode_config(args, config)  # settings the distillation mode cannot honour fail now, before any work
-    if kd_teacher_in_side_process(args, config) and config.world_size > 1:
+    shape = kd_run_shape(args, config)
+    if shape.teacher == "side_process" and shape.processes > 1:
         raise ValueError("teacher_cache with lmbda > 0 scores the on-policy samples with a teacher in one side "
                          "process, which serves one training process: launch a single process (each rank would "
                          "need its own side process), or set lmbda 0.")
@@ -354,9 +342,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     # refused now, before the baseline trains; the trainer builds its own distiller.
     FeatureDistiller.from_config(config, untrained_student, teacher)
     # Before any training: the memory one process will need, and a warning when its device is short.
-    teacher_elsewhere = kd_needs_no_teacher(args, config) or kd_teacher_in_side_process(args, config)
-    memory_teacher = None if teacher_elsewhere else teacher  # a cache (and a side process) stand in for it
-    report_memory_estimate(untrained_student, memory_teacher, config, train_dataset,
+    memory_teacher = None if shape.teacher != "live" else teacher  # a cache (and a side process) stand in for it
+    report_memory_estimate(untrained_student, memory_teacher, config, train_dataset, shape=shape,
                            max_length=args.max_length if args.transfer_size else None)  # transfer set: not built yet
 
     # A served teacher is not evaluated here (it scores; the skill check needs it to generate).
@@ -388,7 +375,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         kd_dataset = datasets.concatenate_datasets([train_dataset, transfer.cast(train_dataset.features)])
         transfer_seconds = time.perf_counter() - started
     kd_student = new_student()
-    if teacher_elsewhere:
+    if shape.teacher != "live":
         # Offline teacher: the cache serves every dataset batch (and with lmbda > 0 a side process scores the
         # student's samples). Check now that this teacher made the cache, then free it for the training run (the
         # report loads it again from disk).
@@ -396,7 +383,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         del new_student  # its closure holds the teacher
         teachers.teacher = teacher = None
         gc.collect()
-    with (side_process_teacher(args, config) if kd_teacher_in_side_process(args, config)
+    with (side_process_teacher(args, config) if shape.teacher == "side_process"
           else contextlib.nullcontext()) as teacher_process:
         if teacher_process is not None:
             teachers.teacher = teacher_process  # stopped when training ends, before the report reloads the teacher

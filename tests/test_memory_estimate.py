@@ -10,7 +10,6 @@ from kd_llm import DistillationConfig
 from kd_llm.training import memory_estimate as me
 from kd_llm.training.memory_estimate import (
     MemoryEstimateWarning,
-    chosen_loss_path,
     estimate_memory,
     launch_sharding,
     report_memory_estimate,
@@ -160,19 +159,6 @@ def test_sharding_from_the_launch_environment(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert launch_sharding() == (4, 3)
-
-
-def test_loss_path_follows_fused_loss(tmp_path):
-    config = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", fused_loss="auto")
-    assert chosen_loss_path(config, sharded=False)[0] == "fused"
-    assert chosen_loss_path(config, sharded=True) == ("dense", "fused_loss=auto takes the dense loss here "
-                                                               "(FSDP/DeepSpeed)")
-    config.fused_loss = "false"
-    assert chosen_loss_path(config, sharded=False) == ("dense", None)
-    # The trainer computes the cache's sparse targets on the fused path too (kd_llm.losses.fused_sparse).
-    cached = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", fused_loss="auto",
-                                teacher_cache="somewhere")
-    assert chosen_loss_path(cached, sharded=False)[0] == "fused"
 
 
 def test_longest_sequence(date_dataset):

@@ -199,3 +199,15 @@ def dataset_fingerprint(dataset) -> str:
             digest.update(np.asarray(labels, dtype=np.int64).tobytes())
             digest.update(b"#")
     return digest.hexdigest()
+
+
+def cache_summary(config) -> dict | None:
+    """What a run's results record about its teacher cache (None without one)."""
+    if not getattr(config, "teacher_cache", None):
+        return None
+    metadata = read_metadata(config.teacher_cache)
+    return {"path": str(config.teacher_cache), "tail_mode": config.teacher_cache_tail_mode,
+            "teacher": metadata.teacher, "teacher_hash": metadata.teacher_hash, "k": metadata.k,
+            "temperature": metadata.temperature, "value_codec": metadata.value_codec,
+            "supervised_tokens": metadata.supervised_tokens,
+            "bytes_per_supervised_token": round(metadata.total_bytes / max(metadata.supervised_tokens, 1), 2)}

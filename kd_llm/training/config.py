@@ -11,9 +11,8 @@ from kd_llm.errors import ConfigError
 from kd_llm.features.settings import feature_config_problems
 from kd_llm.losses import DIVERGENCES
 from kd_llm.serving.settings import served_teacher_config_problems
-from kd_llm.teacher_cache.training import teacher_cache_config_problems
 from kd_llm.training.argument_checks import training_arguments_problems
-from kd_llm.training.fused_path import FUSED_LOSS_CHOICES
+from kd_llm.training.rules import config_problems
 from kd_llm.training.schedules import TEMPERATURE_SCHEDULES
 
 
@@ -277,23 +276,13 @@ class DistillationConfig(TrainingArguments):
             problems.append(f"generation_temperature must be > 0, got {self.generation_temperature}")
         if self.seq_kd_decoding not in ("greedy", "sample"):
             problems.append(f"seq_kd_decoding must be greedy or sample, got {self.seq_kd_decoding!r}")
-        if self.lmbda > 0 and self.alpha >= 1.0:
-            problems.append(f"lmbda={self.lmbda} needs a distillation term (alpha < 1): on the student's own samples "
-                            "the labels are its own tokens, so only the teacher's distribution can teach")
-        if self.precompute_teacher_logits and (self.seq_kd or self.lmbda >= 1.0):
-            problems.append("precompute_teacher_logits caches the teacher on the dataset's completions, which "
-                            f"{'seq_kd' if self.seq_kd else 'lmbda=1'} replaces in every batch, so the cache would "
-                            "never be read: set precompute_teacher_logits=False (generated batches are always scored "
-                            "by the live teacher; with 0 < lmbda < 1 the cache serves the dataset batches)")
         if isinstance(self.fused_loss, bool):  # YAML reads `fused_loss: true` as a boolean
             self.fused_loss = str(self.fused_loss).lower()
-        if self.fused_loss not in FUSED_LOSS_CHOICES:
-            problems.append(f"fused_loss must be one of {', '.join(FUSED_LOSS_CHOICES)}, got {self.fused_loss!r}")
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
             problems.append(f"loss_chunk_size must be an integer >= 0 (0: automatic), got {self.loss_chunk_size!r}")
         problems.extend(packing_config_problems(self))
         problems.extend(feature_config_problems(self))
-        problems.extend(teacher_cache_config_problems(self))
+        problems.extend(config_problems(self))  # settings that do not combine: kd_llm.training.rules
         problems.extend(served_teacher_config_problems(self))
         problems.extend(training_arguments_problems(self))
         if problems:

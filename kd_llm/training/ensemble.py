@@ -15,8 +15,9 @@ import torch
 
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
+from kd_llm.training import rules
 from kd_llm.training.config import DistillationConfig
-from kd_llm.training.teacher_logits import InMemoryTeacherLogits
+from kd_llm.training.targets import PrecomputedTeacherLogits, TargetSources
 from kd_llm.training.teachers import LogProbMixture, TeacherEnsemble
 from kd_llm.training.trainer import DistillationTrainer
 
@@ -26,8 +27,12 @@ __all__ = ["EnsembleDistillationTrainer"]
 class EnsembleDistillationTrainer(DistillationTrainer):
     """:class:`DistillationTrainer` whose teacher is a :class:`TeacherEnsemble` (frozen teachers, offline).
 
-    Logged terms are those of :class:`DistillationTrainer`; ``kd_loss`` is the divergence from the mixture.
+    Logged terms are those of :class:`DistillationTrainer`; ``kd_loss`` is the divergence from the mixture. Its
+    target is the live mixture (:class:`~kd_llm.training.targets.EnsembleMixture`), behind the precomputed mixture
+    with ``precompute_teacher_logits``.
     """
+
+    distillation_mode = "ensemble"
 
     def __init__(self, model=None, teacher_model: TeacherEnsemble | None = None, args=None, **kwargs):
         if not isinstance(teacher_model, TeacherEnsemble):
@@ -53,21 +58,8 @@ class EnsembleDistillationTrainer(DistillationTrainer):
         """Raise for settings an ensemble cannot honour (also called by the experiment before any work)."""
         if not isinstance(args, DistillationConfig):
             raise TypeError("EnsembleDistillationTrainer needs args=DistillationConfig(...).")
-        if args.alpha >= 1:
-            raise ValueError("alpha=1 trains on hard labels alone: an ensemble of teachers would never be used.")
-        if getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False):
-            raise NotImplementedError("on-policy distillation (lmbda > 0, seq_kd) from a teacher ensemble is not "
-                                      "supported: use one teacher")
-        if getattr(args, "hidden_weight", 0) > 0 or getattr(args, "attention_weight", 0) > 0:
-            raise NotImplementedError("hidden-state / attention distillation from a teacher ensemble is not "
-                                      "supported (whose hidden states?): set hidden_weight and attention_weight to 0")
-        if (args.precompute_teacher_logits and args.temperature_schedule != "constant"
-                and args.final_temperature != args.temperature):
-            raise ValueError(
-                "a precomputed ensemble target is the mixture at one temperature, but the temperature schedule moves "
-                f"from {args.temperature} to {args.final_temperature}: use a constant temperature, or "
-                "precompute_teacher_logits=False to mix the teachers live at each step's temperature."
-            )
+        for problem in rules.mode_problems(args, "ensemble"):
+            raise problem.error()
 
     @staticmethod
     def _check_member(ensemble: TeacherEnsemble, index: int, student_tokenizer, student, model=None) -> int:
@@ -96,38 +88,32 @@ class EnsembleDistillationTrainer(DistillationTrainer):
                 self._load_member(index)
         return ensemble
 
-    def _build_teacher_logits_cache(self) -> InMemoryTeacherLogits:
+    def _load_all_members(self) -> None:
+        for index in range(len(self.ensemble)):
+            self._load_member(index)
+
+    def _target_sources(self) -> TargetSources:
+        sources = super()._target_sources()
+        sources.teacher_module = None  # not one model: the mixture reaches the loss as logits
+        sources.load_ensemble = self._load_all_members  # evaluation after a precomputed target needs them back
+        return sources
+
+    def _precompute_teacher_logits(self) -> PrecomputedTeacherLogits:
         """One teacher at a time: run it over the training set, fold its rows into the mixture, free it."""
         args = self.args
-        mixtures = None
+        mixture, offsets = LogProbMixture(self.ensemble.mixture, args.temperature, self.kd_vocab_size), None
         for index, weight in enumerate(self.ensemble.weights):
-            rows = InMemoryTeacherLogits.build(
+            store = PrecomputedTeacherLogits.build(
                 self._load_member(index), self.train_dataset, self.data_collator,
                 batch_size=args.per_device_eval_batch_size, device=self.accelerator.device,
                 disable_progress=args.disable_tqdm,
-            ).rows
+            )
             self.ensemble.release(index)
-            if mixtures is None:
-                mixtures = [LogProbMixture(self.ensemble.mixture, args.temperature, self.kd_vocab_size)
-                            for _ in rows]
-            for mixture, row in zip(mixtures, rows):
-                mixture.add(row, weight)
-            del rows
+            mixture.add(store.values, weight)  # every supervised row at once: one [tokens, V] tensor per member
+            offsets = store.offsets
+            del store
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         # T * log p_mix: the loss's softmax(z / T) gives back p_mix (see kd_llm.training.teachers).
-        return InMemoryTeacherLogits([args.temperature * mixture.log_probs() for mixture in mixtures])
-
-    def _teacher_logits_for(self, inputs: dict, cache_index, shifted_labels, student_logits,
-                            teacher_outputs=None) -> torch.Tensor:
-        # teacher_outputs (one teacher's forward for feature terms) never comes: feature terms are refused above.
-        if self.teacher_logits is not None and cache_index is not None and self.model.training:
-            return self.teacher_logits.gather(cache_index, shifted_labels, like=student_logits)
-        # Evaluation with a precomputed target still needs the live teachers: load them all (once).
-        for index in range(len(self.ensemble)):
-            self._load_member(index)
-        logits = self.ensemble.target_logits(inputs["input_ids"], inputs.get("attention_mask"),
-                                             temperature=self.current_temperature, vocab_size=self.kd_vocab_size,
-                                             position_ids=inputs.get("position_ids"))
-        return logits[:, :-1]
+        return PrecomputedTeacherLogits(args.temperature * mixture.log_probs(), offsets)

@@ -26,6 +26,7 @@ are not counted, and every sequence is taken at the longest length, every positi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch import nn
 
 from kd_llm.data.formatting import supervised_token_count
 from kd_llm.losses.fused import default_chunk_rows
+from kd_llm.training.rules import RunShape, loss_path
 
 GIB = 1024**3
 # Values per token kept for backward by one decoder layer, as multiples of (hidden, kv width, intermediate):
@@ -234,40 +236,25 @@ def launch_precision(config) -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower().replace("fp32", "no")
 
 
-def chosen_loss_path(config, sharded: bool) -> tuple[str, str | None]:
-    """The loss path the trainer will take, from ``fused_loss``; auto takes the fused path unless a setting known
-    to rule it out is on (the trainer still probes the models; it logs its final choice)."""
-    setting = str(getattr(config, "fused_loss", "false")).lower()
-    if setting == "true":
-        return "fused", None
-    if setting != "auto":
-        return "dense", None
-    blockers = [name for name, on in (
-        ("FSDP/DeepSpeed", sharded), ("precompute_teacher_logits", config.precompute_teacher_logits),
-        ("feature distillation", getattr(config, "hidden_weight", 0) or getattr(config, "attention_weight", 0)),
-    ) if on]
-    if blockers:
-        return "dense", f"fused_loss=auto takes the dense loss here ({', '.join(blockers)})"
-    return "fused", "fused_loss=auto: fused if both models pass the trainer's lm_head probe, else dense"
-
-
 def estimate_for_run(student: nn.Module, teacher: nn.Module | None, config, *, sequence_length: int,
-                     cached_teacher_tokens: int = 0) -> MemoryEstimate:
-    """The estimate for a DistillationConfig as it will be launched (precision, sharding, loss path)."""
+                     cached_teacher_tokens: int = 0, shape: RunShape | None = None) -> MemoryEstimate:
+    """The estimate for a DistillationConfig as it will be launched (precision, sharding, loss path). ``shape``:
+    the run's mode and teacher source (kd_llm.training.rules); its sharding is taken from the launch."""
     shard_degree, zero_stage = launch_sharding()
-    loss_path, note = chosen_loss_path(config, sharded=shard_degree > 1)
+    shape = dataclasses.replace(shape or RunShape(), sharded=shard_degree > 1)
+    path = loss_path(config, shape)  # the rule book the trainer's target chooser asks too
     packing = getattr(config, "packing", False)
     if packing:  # at most one row per example, each at most packing_max_length (0: the longest example) long
         sequence_length = max(sequence_length, getattr(config, "packing_max_length", 0) or 0)
     estimate = estimate_memory(
         student, teacher, batch_size=config.per_device_train_batch_size, sequence_length=sequence_length,
-        precision=launch_precision(config), alpha=config.alpha, loss_path=loss_path,
+        precision=launch_precision(config), alpha=config.alpha, loss_path=path.path,
         chunk_rows=getattr(config, "loss_chunk_size", 0) or 0, gradient_checkpointing=config.gradient_checkpointing,
         shard_degree=shard_degree, zero_stage=zero_stage, cached_teacher_tokens=cached_teacher_tokens,
         teacher_cache=bool(getattr(config, "teacher_cache", None)),
     )
-    if note:
-        estimate.notes.append(note)
+    if path.note:
+        estimate.notes.append(path.note)
     if packing:
         estimate.notes.append(f"packing: bounded by {config.per_device_train_batch_size} rows of {sequence_length} "
                               "tokens; packed micro-batches usually hold fewer rows")
@@ -299,14 +286,16 @@ def longest_sequence(dataset) -> int:
 
 
 def report_memory_estimate(student: nn.Module, teacher: nn.Module | None, config, train_dataset, *,
-                           max_length: int | None = None, print_fn=print) -> MemoryEstimate | None:
+                           max_length: int | None = None, print_fn=print,
+                           shape: RunShape | None = None) -> MemoryEstimate | None:
     """Print the estimate for training on ``train_dataset`` (main process only) and warn when it exceeds the
-    device. Sequences are taken at the dataset's longest, or at ``max_length`` when given (data not built yet)."""
+    device. Sequences are taken at the dataset's longest, or at ``max_length`` when given (data not built yet).
+    ``shape``: the run's mode and teacher source, for the loss path (kd_llm.training.rules)."""
     cached = supervised_token_count(train_dataset) if config.precompute_teacher_logits and teacher is not None else 0
     try:
         estimate = estimate_for_run(student, teacher, config,
                                     sequence_length=max_length or longest_sequence(train_dataset),
-                                    cached_teacher_tokens=cached)
+                                    cached_teacher_tokens=cached, shape=shape)
     except UnknownShapeError as error:  # an estimate is advice: say so, and train anyway
         if config.process_index == 0:
             print_fn(f"Memory estimate per process: unknown ({error}).")
@@ -318,3 +307,4 @@ def report_memory_estimate(student: nn.Module, teacher: nn.Module | None, config
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if on_cpu else 1  # CPU processes share RAM
         warn_if_too_large(estimate, capacity, device, processes_sharing=local_processes)
     return estimate
+

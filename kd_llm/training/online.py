@@ -27,8 +27,9 @@ from transformers.optimization import get_scheduler
 
 from kd_llm.data.packing import PACKED_EXAMPLE_KEY
 from kd_llm.losses import distillation_objective
+from kd_llm.training import rules
 from kd_llm.training.config import DistillationConfig
-from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN
+from kd_llm.training.targets import EXAMPLE_INDEX_COLUMN
 from kd_llm.training.trainer import DistillationTrainer
 
 __all__ = ["MUTUAL_TEACHER_FOLDER", "MutualDistillationTrainer"]
@@ -60,6 +61,8 @@ class MutualDistillationTrainer(DistillationTrainer):
         **kwargs: as for :class:`DistillationTrainer`.
     """
 
+    distillation_mode = "online"
+
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, *,
                  teacher_learning_rate: float | None = None, **kwargs):
         self.check_config(args)
@@ -86,20 +89,8 @@ class MutualDistillationTrainer(DistillationTrainer):
         """Raise for settings online distillation cannot honour (also called by the experiment before any work)."""
         if not isinstance(args, DistillationConfig):
             raise TypeError("MutualDistillationTrainer needs args=DistillationConfig(...).")
-        if args.alpha >= 1:
-            raise ValueError("alpha=1 trains each model on hard labels alone: they would not learn from each other. "
-                             "Use alpha < 1.")
-        if args.precompute_teacher_logits:
-            raise ValueError("precompute_teacher_logits=True cannot serve online distillation: the teacher trains, "
-                             "so its outputs change every step. Set precompute_teacher_logits=False.")
-        if getattr(args, "lmbda", 0) > 0 or getattr(args, "seq_kd", False):
-            raise NotImplementedError("on-policy distillation (lmbda > 0, seq_kd) is not supported in online mode.")
-        if getattr(args, "hidden_weight", 0) > 0 or getattr(args, "attention_weight", 0) > 0:
-            raise NotImplementedError("hidden-state / attention distillation is not supported in online mode: set "
-                                      "hidden_weight and attention_weight to 0")
-        if args.fp16:
-            raise NotImplementedError("online distillation with fp16 loss scaling is not supported (the teacher's "
-                                      "optimizer does not share the scaler): use bf16 or fp32.")
+        for problem in rules.mode_problems(args, "online"):
+            raise problem.error()
 
     @property
     def teacher_unwrapped(self) -> nn.Module:
@@ -113,7 +104,7 @@ class MutualDistillationTrainer(DistillationTrainer):
     # ---- objective --------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs.pop(CACHE_INDEX_COLUMN, None)
+        inputs.pop(EXAMPLE_INDEX_COLUMN, None)
         inputs.pop(PACKED_EXAMPLE_KEY, None)  # packed rows: position_ids isolate the examples in both models
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)

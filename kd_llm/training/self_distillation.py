@@ -19,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from kd_llm.training import rules
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.teachers import EMATeacher
 from kd_llm.training.trainer import DistillationTrainer
@@ -86,6 +87,8 @@ class EMADistillationTrainer(DistillationTrainer):
         **kwargs: as for :class:`DistillationTrainer`, without ``teacher_model`` (the teacher is built here).
     """
 
+    distillation_mode = "ema"
+
     def __init__(self, model=None, args: DistillationConfig | None = None, *, ema_decay: float = 0.999, **kwargs):
         if kwargs.get("teacher_model") is not None:
             raise ValueError("EMADistillationTrainer builds its teacher from the student: pass no teacher_model.")
@@ -106,11 +109,8 @@ class EMADistillationTrainer(DistillationTrainer):
         """Raise for settings an EMA teacher cannot honour (also called by the experiment before any work)."""
         if not isinstance(args, DistillationConfig):
             raise TypeError("EMADistillationTrainer needs args=DistillationConfig(...).")
-        if args.alpha >= 1:
-            raise ValueError("alpha=1 trains on hard labels alone: the EMA teacher would never be used.")
-        if args.precompute_teacher_logits:
-            raise ValueError("precompute_teacher_logits=True cannot serve an EMA teacher: its outputs change after "
-                             "every step. Set precompute_teacher_logits=False.")
+        for problem in rules.mode_problems(args, "ema"):
+            raise problem.error()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

@@ -18,8 +18,9 @@ process applies the lm_head a chunk at a time and never holds ``[B, T, V]`` teac
 What it is not: a module. The proxy has no parameters, hidden states, lm_head or ``generate``; it scores sequences.
 So ``DistillationTrainer`` never freezes, places or saves it, gives the batches it scores the dense loss (the fused
 path reads hidden states and lm_head weights), and refuses it where more is needed (seq_kd, feature terms, several
-processes). At start-up the child reports what the trainer checks: the teacher's config, its embedding sizes (the
-vocabulary check) and its weights hash (so a cache made by another teacher is still refused).
+processes: ``kd_llm.training.rules.side_process_problems``). At start-up the child reports what the trainer checks:
+the teacher's config, its embedding sizes (the vocabulary check) and its weights hash (so a cache made by another
+teacher is still refused).
 
 Errors and lifetime: the child sends any exception (loading or forward) with its traceback, and the parent raises it
 as one :class:`TeacherProcessError`; a child that dies silently (killed, out of memory) is noticed by polling
@@ -305,27 +306,3 @@ class TeacherProcess:
     def __repr__(self) -> str:
         state = "running" if self.is_alive() else "closed"
         return f"TeacherProcess({self.spec!r}, pid={self.pid}, {state})"
-
-
-def side_process_teacher_problems(trainer, teacher: TeacherProcess) -> list[str]:
-    """Why ``trainer`` cannot use ``teacher``, a :class:`TeacherProcess`, as its teacher (empty: it can)."""
-    from kd_llm.training.trainer import DistillationTrainer  # imported here: trainer.py imports this module
-
-    args, problems = trainer.args, []
-    if trainer.accelerator.num_processes > 1 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        problems.append("it serves one training process, and under several processes, FSDP or DeepSpeed each rank "
-                        "would need its own side process (and its own copy of the teacher): launch a single process, "
-                        "or pass the teacher model itself")
-    if args.seq_kd:
-        problems.append("seq_kd has the teacher write completions, and the side process only scores them")
-    if args.hidden_weight or args.attention_weight:
-        problems.append("hidden_weight / attention_weight read the teacher's hidden states and attention maps, "
-                        "which stay in the side process")
-    if args.precompute_teacher_logits:
-        problems.append("for stored teacher outputs use teacher_cache (scripts/cache_teacher.py), not "
-                        "precompute_teacher_logits")
-    if type(trainer)._setup_teacher is not DistillationTrainer._setup_teacher:
-        problems.append(f"{type(trainer).__name__} needs the teacher model itself (ensemble, online or EMA teacher)")
-    if not teacher.is_alive():
-        problems.append("its process is not running (closed, or it exited)")
-    return problems

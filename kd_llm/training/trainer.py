@@ -9,24 +9,32 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.data.collator import CausalLMCollator
-from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PackingCollator, model_inputs, packing_attention_problem
+from kd_llm.data.packing import PackingCollator, packing_attention_problem
 from kd_llm.data.sampling import StepShuffledLengthSampler
 from kd_llm.hub import HubPushMixin
-from kd_llm.losses import distillation_objective, l2_penalty
+from kd_llm.losses import l2_penalty
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
-from kd_llm.serving.training import open_served_teacher, served_terms
-from kd_llm.teacher_cache.training import open_trainer_cache, sparse_cache_terms
+from kd_llm.serving.training import open_served_teacher, save_and_stop
+from kd_llm.training import rules
 from kd_llm.training.checkpoints import AtomicCheckpointMixin
 from kd_llm.training.config import DistillationConfig
 from kd_llm.training.feature_distillation import FeatureDistillationMixin
-from kd_llm.training.fused_path import FUSED_FORWARD_KWARGS, choose_loss_path, fused_objective_terms
-from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY, STUDENT, CompletionGenerator
+from kd_llm.training.on_policy import STUDENT, CompletionGenerator
 from kd_llm.training.precision import check_mixed_precision
 from kd_llm.training.schedules import temperature_at
-from kd_llm.training.teacher_logits import CACHE_INDEX_COLUMN, InMemoryTeacherLogits
+from kd_llm.training.targets import (
+    EXAMPLE_INDEX_COLUMN,
+    KDBatch,
+    LossRequest,
+    PrecomputedTeacherLogits,
+    TargetSources,
+    TeacherTarget,
+    choose_target,
+    open_training_cache,
+)
 from kd_llm.training.teacher_placement import prepare_teacher
-from kd_llm.training.teacher_process import TeacherProcess, side_process_teacher_problems
+from kd_llm.training.teacher_process import TeacherProcess
 
 
 # HubPushMixin: push_to_hub=True pushes an allow-list of files (kd_llm.hub), never the whole output folder.
@@ -56,26 +64,23 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
 
     # compute_loss normalises by num_items_in_batch itself: Trainer must not divide again by the accumulation steps.
     loss_is_scaled_for_ga = True
+    # Declared, for the rule book (kd_llm.training.rules): which teacher this trainer distils from. Subclasses with
+    # another kind of teacher (ensemble, EMA copy, online peer) say so here, not by which methods they override.
+    distillation_mode = "offline"
 
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None,
                  teacher_tokenizer=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
-        served = bool(args.teacher_url or args.teacher_routes)  # a served teacher (kd_llm.serving) scores batches
-        if teacher_model is None and args.alpha < 1 and not args.teacher_cache and not served:
-            raise ValueError(f"alpha={args.alpha} weights a distillation term, so a teacher_model is required (or "
-                             "a teacher_cache built by scripts/cache_teacher.py, or a served teacher_url).")
-        if teacher_model is None and (args.lmbda > 0 or args.seq_kd) and not served:
-            # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
-            raise ValueError("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
-                             "live teacher can score or write, not a cache of teacher outputs on the dataset: pass "
-                             "teacher_model=<the teacher> (a cache may still serve the dataset batches), or, for "
-                             "lmbda > 0 with the teacher out of this process, teacher_model=TeacherProcess(<teacher "
-                             "path>) (kd_llm.training.teacher_process), which scores the student's samples in a side "
-                             "process while the cache serves the dataset batches.")
+        teacher_kind = ("none" if teacher_model is None
+                        else "side_process" if isinstance(teacher_model, TeacherProcess) else "live")
+        if teacher_kind == "none":  # before any work (a side-process teacher is checked once Trainer is built)
+            problems = rules.teacher_problems(args, rules.RunShape(mode=self.distillation_mode, teacher="none"))
+            if problems:
+                raise ValueError(problems[0])
         if (args.precompute_teacher_logits or args.teacher_cache) and kwargs.get("train_dataset") is not None:
             dataset = kwargs["train_dataset"]
-            kwargs["train_dataset"] = dataset.add_column(CACHE_INDEX_COLUMN, list(range(len(dataset))))
+            kwargs["train_dataset"] = dataset.add_column(EXAMPLE_INDEX_COLUMN, list(range(len(dataset))))
         tokenizer = kwargs.get("processing_class")
         if teacher_model is not None and tokenizer is None:
             raise ValueError("Pass processing_class=<the student's tokenizer>: it is checked against the teacher's "
@@ -88,8 +93,8 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             kwargs["data_collator"] = (
                 PackingCollator(pad_id, max_length=args.packing_max_length, overlong=args.packing_overlong,
-                                passthrough_keys=(CACHE_INDEX_COLUMN,)) if args.packing
-                else CausalLMCollator(pad_id, passthrough_keys=(CACHE_INDEX_COLUMN,)))
+                                passthrough_keys=(EXAMPLE_INDEX_COLUMN,)) if args.packing
+                else CausalLMCollator(pad_id, passthrough_keys=(EXAMPLE_INDEX_COLUMN,)))
         if args.packing:
             self._check_packing(model, teacher_model, kwargs)
         self.kd_vocab_size = None
@@ -108,9 +113,14 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         self.teacher = None
         # A teacher in a side process returns logits only: never frozen or placed here (it has no parameters, the
         # child froze its model), never saved, and the batches it scores take the dense loss.
-        self.teacher_in_side_process = isinstance(teacher_model, TeacherProcess)
+        self.teacher_in_side_process = teacher_kind == "side_process"
+        self.run_shape = rules.RunShape(mode=self.distillation_mode, teacher=teacher_kind,
+                                        processes=self.accelerator.num_processes,
+                                        sharded=bool(self.is_fsdp_enabled or self.is_deepspeed_enabled))
         if self.teacher_in_side_process:
-            problems = side_process_teacher_problems(self, teacher_model)
+            problems = rules.teacher_problems(args, self.run_shape)
+            if not teacher_model.is_alive():
+                problems.append("its process is not running (closed, or it exited)")
             if problems:
                 raise ValueError("teacher_model is a TeacherProcess (the teacher in a side process), which cannot "
                                  "serve this run: " + "; ".join(problems) + ".")
@@ -120,19 +130,41 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         # hidden_weight / attention_weight: layer maps and attention layouts are checked here (kd_llm.features).
         self._setup_feature_distillation(teacher_model)
         # teacher_cache: stored top-k targets serve the training batches, no teacher needed (kd_llm.teacher_cache).
-        self.teacher_cache = open_trainer_cache(self, teacher_model=teacher_model, teacher_tokenizer=teacher_tokenizer,
-                                                student_tokenizer=tokenizer)
+        self.teacher_cache = open_training_cache(
+            args, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
+            student=self.accelerator.unwrap_model(self.model), teacher_model=teacher_model,
+            teacher_tokenizer=teacher_tokenizer, student_tokenizer=tokenizer)
         # teacher_url / teacher_routes: a served teacher's top-k serves every batch (kd_llm.serving.training).
-        self.served_teacher = open_served_teacher(
-            self, teacher_model=teacher_model, tokenizer=tokenizer,
-            custom_teacher_setup=type(self)._setup_teacher is not DistillationTrainer._setup_teacher)
+        self.served_teacher = open_served_teacher(self, teacher_model=teacher_model, tokenizer=tokenizer,
+                                                  custom_teacher_setup=self.distillation_mode != "offline")
+        # precompute_teacher_logits: the teacher's logits on the training set, computed once and kept in memory.
         self.teacher_logits = None
         if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
-            self.teacher_logits = self._build_teacher_logits_cache()
+            self.teacher_logits = self._precompute_teacher_logits()
         # lmbda / seq_kd: completions regenerated per micro-batch in get_batch_samples (kd_llm.training.on_policy).
         self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size)
-        # fused_loss: chunked loss from hidden states and lm_head weights when possible (kd_llm.training.fused_path).
-        self.fused_loss = choose_loss_path(self)
+        # The one target every batch goes through, chosen now (kd_llm.training.targets.choose).
+        self.target: TeacherTarget = choose_target(self._target_sources())
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether the training batches take the fused loss (hidden states and lm_heads, no [B, T, V] logits)."""
+        return bool(self.target.fused)
+
+    def _target_sources(self) -> TargetSources:
+        """What this run's target is built from (subclasses with another kind of teacher add theirs)."""
+        one_model = isinstance(self.teacher, torch.nn.Module)  # not a TeacherProcess or an ensemble
+        return TargetSources(
+            args=self.args, shape=self.run_shape, student=self.accelerator.unwrap_model(self.model),
+            teacher=self.teacher, teacher_module=self.accelerator.unwrap_model(self.teacher) if one_model else None,
+            cache=self.teacher_cache, precomputed=self.teacher_logits, served=self.served_teacher,
+            on_served_failure=self._stop_on_served_failure, mixed_precision=self.accelerator.mixed_precision != "no",
+        )
+
+    def _stop_on_served_failure(self, error: Exception) -> None:
+        """A served teacher failed for good: during training, save a checkpoint and stop (kd_llm.serving)."""
+        if self.model.training:
+            save_and_stop(self, error)
 
     @staticmethod
     def _check_packing(model, teacher_model, kwargs) -> None:
@@ -161,9 +193,9 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         (kd_llm.training.online) or not one model (kd_llm.training.ensemble) override this."""
         return self._prepare_teacher(freeze_teacher(teacher_model))
 
-    def _build_teacher_logits_cache(self) -> InMemoryTeacherLogits:
+    def _precompute_teacher_logits(self) -> PrecomputedTeacherLogits:
         args = self.args
-        return InMemoryTeacherLogits.build(
+        return PrecomputedTeacherLogits.build(
             self.teacher, self.train_dataset, self.data_collator, batch_size=args.per_device_eval_batch_size,
             device=self.accelerator.device, disable_progress=args.disable_tqdm,
         )
@@ -178,18 +210,6 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         total = self.state.max_steps or args.max_steps or 1
         return temperature_at(self.state.global_step, total, args.temperature, args.final_temperature,
                               args.temperature_schedule)
-
-    def _teacher_logits_for(self, inputs: dict, cache_index: torch.Tensor | None, shifted_labels: torch.Tensor,
-                            student_logits: torch.Tensor, teacher_outputs=None) -> torch.Tensor:
-        """Teacher logits aligned with ``shifted_labels``, from the in-memory cache or a live forward pass (reusing
-        ``teacher_outputs`` when the feature terms already ran the teacher on this batch)."""
-        if teacher_outputs is not None:
-            return teacher_outputs.logits[:, :-1]
-        if self.teacher_logits is not None and cache_index is not None and self.model.training:
-            return self.teacher_logits.gather(cache_index, shifted_labels, like=student_logits)
-        with torch.no_grad():
-            outputs = self.teacher(**model_inputs(inputs), use_cache=False)
-        return outputs.logits[:, :-1]
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """Trainer's micro-batches of one optimizer step; with lmbda or seq_kd, their completions are regenerated
@@ -213,59 +233,37 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         return batches, self._get_num_items_in_batch(batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cache_index = inputs.pop(CACHE_INDEX_COLUMN, None)
-        labels = inputs.pop("labels")
-        # Packed batches (kd_llm.data.packing): which example each token belongs to; never a model input.
-        packed_example_ids = inputs.pop(PACKED_EXAMPLE_KEY, None)
-        # On the student's own samples only the teacher's distribution teaches: no cross-entropy on them.
-        # (Generated batches: kd_llm.training.on_policy.)
-        completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
-        from_cache = self.teacher_cache is not None and cache_index is not None and model.training
-        from_served = self.served_teacher is not None
-        # The fused path needs no logits; evaluation with compute_metrics reads them, so it takes the dense path. So
-        # do the batches a side-process teacher scores: it returns logits, not hidden states (see choose_loss_path).
-        fused = (self.fused_loss and not (return_outputs and self.compute_metrics is not None)
-                 and (from_cache or not self.teacher_in_side_process))
+        batch = KDBatch.pop_from(inputs)
+        # Evaluation with compute_metrics reads the student's logits: a fused target hands over to its dense twin.
+        target = self.target.for_batch(batch, training=model.training,
+                                       needs_logits=return_outputs and self.compute_metrics is not None)
         with self._student_feature_capture(model) as student_features:
-            outputs = model(**inputs, use_cache=False, **(FUSED_FORWARD_KWARGS if fused else {}))
-        student_logits = None if fused else outputs.logits[:, :-1]
-        shifted_labels = labels[:, 1:]
-        args = self.args
-        temperature = self.current_temperature
+            outputs = model(**batch.inputs, use_cache=False, **target.student_forward_kwargs)
         # Feature terms (hidden_weight, attention_weight) run the live teacher once, with hooks; its logits are reused.
-        teacher_outputs, feature_terms = self._teacher_features(inputs, student_features, num_items_in_batch,
-                                                                packed_example_ids)
-        teacher_logits = None
-        if args.alpha < 1 and not fused and not from_cache and not from_served:
-            teacher_logits = self._teacher_logits_for(inputs, cache_index, shifted_labels, student_logits,
-                                                      teacher_outputs)
-        alpha = 0.0 if completion_source == STUDENT else args.alpha
-        if from_served:
-            terms = served_terms(self, student_logits, inputs, shifted_labels, alpha=alpha, temperature=temperature,
-                                 num_items_in_batch=num_items_in_batch, training=model.training)
-        elif fused:
-            terms = fused_objective_terms(self, outputs, inputs, shifted_labels, alpha=alpha, temperature=temperature,
-                                          num_items_in_batch=num_items_in_batch,
-                                          cache_index=cache_index if from_cache else None)
-        elif from_cache:
-            terms = sparse_cache_terms(self, student_logits, cache_index, shifted_labels, alpha=alpha,
-                                       temperature=temperature, num_items_in_batch=num_items_in_batch)
-        else:
-            terms = distillation_objective(
-                student_logits, teacher_logits, shifted_labels, alpha=alpha, loss=args.distillation_loss,
-                temperature=temperature, beta=args.beta, skew=args.skew, num_items_in_batch=num_items_in_batch,
-                kd_vocab_size=self.kd_vocab_size,
-            )
+        batch.teacher_outputs, feature_terms = self._teacher_features(batch.inputs, student_features,
+                                                                      num_items_in_batch, batch.packed_example_ids)
+        request = self._loss_request(batch, num_items_in_batch)
+        terms = target.terms(outputs, batch, request)
         loss = terms.total
-        if completion_source == STUDENT:
-            loss = (1 - args.alpha) * loss  # the distillation term keeps its weight (1 - alpha); only CE is dropped
+        if batch.completion_source == STUDENT:
+            loss = (1 - self.args.alpha) * loss  # the KD term keeps its weight (1 - alpha); only CE is dropped
         loss = loss + self._weighted_feature_loss(feature_terms)
-        loss = loss + self._l2_share(model, shifted_labels, num_items_in_batch)
+        loss = loss + self._l2_share(model, batch.shifted_labels, num_items_in_batch)
         scale = self._process_scale(num_items_in_batch)
         loss = loss * scale
-        self._record(terms, loss, temperature, scale)
+        self._record(terms, loss, request.temperature, scale)
         self._record_feature_terms(feature_terms, scale)
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_request(self, batch: KDBatch, num_items_in_batch) -> LossRequest:
+        """This step's loss settings. On the student's own samples only the teacher's distribution teaches: no
+        cross-entropy on them (generated batches: kd_llm.training.on_policy)."""
+        args = self.args
+        return LossRequest(
+            alpha=0.0 if batch.completion_source == STUDENT else args.alpha, temperature=self.current_temperature,
+            num_items_in_batch=num_items_in_batch, loss=args.distillation_loss, beta=args.beta, skew=args.skew,
+            kd_vocab_size=self.kd_vocab_size, chunk_size=args.loss_chunk_size or None,
+        )
 
     def _l2_share(self, model, shifted_labels: torch.Tensor, num_items_in_batch):
         """This micro-batch's share of ``l2_weight * ||w||^2`` (0 when off or evaluating): spread over the

@@ -1,0 +1,274 @@
+"""The rule book: which distillation settings combine, and which loss path a run takes.
+
+Pure functions of a :class:`~kd_llm.training.DistillationConfig` (any object with its fields) and a small
+:class:`RunShape` (the mode, where the teacher is, processes, sharding). This module imports nothing from
+``kd_llm.training``: the config's validation, the target chooser (``kd_llm.training.targets.choose``), the memory
+estimate, ``kd_llm.experiment`` and the modes' ``check_config`` all ask it, so the answer is written once.
+
+- :func:`config_problems`: settings that do not combine, whatever the run (config validation);
+- :func:`teacher_problems`: what the teacher source (none, live, side process) cannot serve;
+- :func:`mode_problems`: what a mode (ensemble, EMA, online) cannot honour;
+- :func:`fused_blockers` / :func:`loss_path`: why the fused loss is ruled out, and the path that runs;
+- :func:`teacher_source`: where the experiment's KD run takes its teacher from (a cache, a side process, live).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kd_llm.losses.sparse import SPARSE_DIVERGENCES, TAIL_MODES, same_temperature
+
+FUSED_LOSS_CHOICES = ("auto", "true", "false")
+MODES = ("offline", "ensemble", "ema", "online")
+TEACHER_KINDS = ("live", "side_process", "none")
+DENSE, FUSED = "dense", "fused"
+
+SIDE_PROCESS_REASON = ("the teacher runs in a side process (TeacherProcess), which returns logits, not the hidden "
+                       "states and lm_head weights the fused loss reads")
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run is besides its settings: the distillation mode, where the teacher is ("live": a model in this
+    process; "side_process": a TeacherProcess; "none": no teacher), processes, and FSDP / DeepSpeed sharding."""
+
+    mode: str = "offline"
+    teacher: str = "live"
+    processes: int = 1
+    sharded: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.teacher not in TEACHER_KINDS:
+            raise ValueError(f"teacher must be one of {', '.join(TEACHER_KINDS)}, got {self.teacher!r}")
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A reason the fused loss cannot serve a run: ``name`` for a short note, ``reason`` the whole sentence."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModeProblem:
+    """A setting a mode cannot honour; ``unsupported``: not implemented (NotImplementedError), else a bad value."""
+
+    message: str
+    unsupported: bool = False
+
+    def error(self) -> Exception:
+        return (NotImplementedError if self.unsupported else ValueError)(self.message)
+
+
+@dataclass(frozen=True)
+class LossPath:
+    path: str  # "dense" or "fused"
+    note: str | None = None
+
+
+def _served(config) -> bool:
+    """A served teacher (kd_llm.serving): teacher_url or teacher_routes."""
+    return bool(getattr(config, "teacher_url", None) or getattr(config, "teacher_routes", None))
+
+
+def _features(config) -> bool:
+    return bool(getattr(config, "hidden_weight", 0) or getattr(config, "attention_weight", 0))
+
+
+def teacher_cache_problems(config) -> list[str]:
+    """Problems of the ``teacher_cache*`` fields (empty if none)."""
+    problems = []
+    tail_mode = config.teacher_cache_tail_mode
+    if tail_mode not in TAIL_MODES:
+        return [f"teacher_cache_tail_mode must be one of {', '.join(TAIL_MODES)}, got {tail_mode!r}"]
+    if not config.teacher_cache:
+        return problems
+    if config.distillation_loss not in SPARSE_DIVERGENCES[tail_mode]:
+        problems.append(
+            f"distillation_loss={config.distillation_loss!r} cannot be computed from a teacher cache with "
+            f"teacher_cache_tail_mode={tail_mode!r} (the tail's individual probabilities are not stored); use one of "
+            f"{', '.join(SPARSE_DIVERGENCES[tail_mode])}"
+        )
+    if config.precompute_teacher_logits:
+        problems.append("teacher_cache and precompute_teacher_logits both serve stored teacher outputs: set "
+                        "precompute_teacher_logits=False")
+    if config.seq_kd or config.lmbda >= 1.0:
+        problems.append("teacher_cache holds the teacher on the dataset's completions, which seq_kd / lmbda=1 "
+                        "replace in every batch, so it would never be read: remove teacher_cache")
+    if tail_mode == "tail_bucket" and not same_temperature(config.temperature, config.final_temperature):
+        problems.append(
+            f"the temperature moves from {config.temperature} to {config.final_temperature}, but with "
+            "teacher_cache_tail_mode=tail_bucket the cached values hold at the one temperature they were taken at: "
+            "use a constant temperature, or teacher_cache_tail_mode=renormalise (which re-tempers exactly)"
+        )
+    return problems
+
+
+def config_problems(config) -> list[str]:
+    """Settings that do not combine, whatever the run (``DistillationConfig.__post_init__`` raises them)."""
+    problems = []
+    if config.lmbda > 0 and config.alpha >= 1.0:
+        problems.append(f"lmbda={config.lmbda} needs a distillation term (alpha < 1): on the student's own samples "
+                        "the labels are its own tokens, so only the teacher's distribution can teach")
+    if config.precompute_teacher_logits and (config.seq_kd or config.lmbda >= 1.0):
+        problems.append("precompute_teacher_logits caches the teacher on the dataset's completions, which "
+                        f"{'seq_kd' if config.seq_kd else 'lmbda=1'} replaces in every batch, so the cache would "
+                        "never be read: set precompute_teacher_logits=False (generated batches are always scored "
+                        "by the live teacher; with 0 < lmbda < 1 the cache serves the dataset batches)")
+    if config.fused_loss not in FUSED_LOSS_CHOICES:
+        problems.append(f"fused_loss must be one of {', '.join(FUSED_LOSS_CHOICES)}, got {config.fused_loss!r}")
+    problems.extend(teacher_cache_problems(config))
+    return problems
+
+
+def side_process_problems(config, shape: RunShape) -> list[str]:
+    """Why a teacher in a side process cannot serve this run (empty: it can)."""
+    problems = []
+    if shape.processes > 1 or shape.sharded:
+        problems.append("it serves one training process, and under several processes, FSDP or DeepSpeed each rank "
+                        "would need its own side process (and its own copy of the teacher): launch a single process, "
+                        "or pass the teacher model itself")
+    if config.seq_kd:
+        problems.append("seq_kd has the teacher write completions, and the side process only scores them")
+    if _features(config):
+        problems.append("hidden_weight / attention_weight read the teacher's hidden states and attention maps, "
+                        "which stay in the side process")
+    if config.precompute_teacher_logits:
+        problems.append("for stored teacher outputs use teacher_cache (scripts/cache_teacher.py), not "
+                        "precompute_teacher_logits")
+    if shape.mode != "offline":
+        problems.append(f"the {shape.mode} mode needs the teacher model itself (ensemble, online or EMA teacher)")
+    return problems
+
+
+def teacher_problems(config, shape: RunShape) -> list[str]:
+    """What this run asks of its teacher that the teacher source cannot give (empty: nothing)."""
+    if shape.teacher == "side_process":
+        return side_process_problems(config, shape)
+    if shape.teacher == "live":
+        return []
+    problems = []
+    if _served(config):  # the served teacher scores every batch (what it cannot do: kd_llm.serving.settings)
+        return problems
+    if config.alpha < 1 and not config.teacher_cache:
+        problems.append(f"alpha={config.alpha} weights a distillation term, so a teacher_model is required (or "
+                        "a teacher_cache built by scripts/cache_teacher.py, or a served teacher_url).")
+    if config.lmbda > 0 or config.seq_kd:
+        # A cache of teacher outputs on fixed data cannot score (or write) completions generated during training.
+        problems.append("lmbda > 0 (on-policy) and seq_kd generate new completions during training, which only a "
+                        "live teacher can score or write, not a cache of teacher outputs on the dataset: pass "
+                        "teacher_model=<the teacher> (a cache may still serve the dataset batches), or, for "
+                        "lmbda > 0 with the teacher out of this process, teacher_model=TeacherProcess(<teacher "
+                        "path>) (kd_llm.training.teacher_process), which scores the student's samples in a side "
+                        "process while the cache serves the dataset batches.")
+    return problems
+
+
+def mode_problems(config, mode: str) -> list[ModeProblem]:
+    """What the ``ensemble``, ``ema`` and ``online`` modes cannot honour (offline: nothing)."""
+    problems = []
+    on_policy = getattr(config, "lmbda", 0) > 0 or getattr(config, "seq_kd", False)
+    if mode == "ensemble":
+        if config.alpha >= 1:
+            problems.append(ModeProblem("alpha=1 trains on hard labels alone: an ensemble of teachers would never "
+                                        "be used."))
+        if on_policy:
+            problems.append(ModeProblem("on-policy distillation (lmbda > 0, seq_kd) from a teacher ensemble is not "
+                                        "supported: use one teacher", unsupported=True))
+        if _features(config):
+            problems.append(ModeProblem("hidden-state / attention distillation from a teacher ensemble is not "
+                                        "supported (whose hidden states?): set hidden_weight and attention_weight "
+                                        "to 0", unsupported=True))
+        if (config.precompute_teacher_logits and config.temperature_schedule != "constant"
+                and config.final_temperature != config.temperature):
+            problems.append(ModeProblem(
+                "a precomputed ensemble target is the mixture at one temperature, but the temperature schedule moves "
+                f"from {config.temperature} to {config.final_temperature}: use a constant temperature, or "
+                "precompute_teacher_logits=False to mix the teachers live at each step's temperature."))
+    elif mode == "ema":
+        if config.alpha >= 1:
+            problems.append(ModeProblem("alpha=1 trains on hard labels alone: the EMA teacher would never be used."))
+        if config.precompute_teacher_logits:
+            problems.append(ModeProblem("precompute_teacher_logits=True cannot serve an EMA teacher: its outputs "
+                                        "change after every step. Set precompute_teacher_logits=False."))
+    elif mode == "online":
+        if config.alpha >= 1:
+            problems.append(ModeProblem("alpha=1 trains each model on hard labels alone: they would not learn from "
+                                        "each other. Use alpha < 1."))
+        if config.precompute_teacher_logits:
+            problems.append(ModeProblem("precompute_teacher_logits=True cannot serve online distillation: the "
+                                        "teacher trains, so its outputs change every step. Set "
+                                        "precompute_teacher_logits=False."))
+        if on_policy:
+            problems.append(ModeProblem("on-policy distillation (lmbda > 0, seq_kd) is not supported in online mode.",
+                                        unsupported=True))
+        if _features(config):
+            problems.append(ModeProblem("hidden-state / attention distillation is not supported in online mode: set "
+                                        "hidden_weight and attention_weight to 0", unsupported=True))
+        if config.fp16:
+            problems.append(ModeProblem("online distillation with fp16 loss scaling is not supported (the teacher's "
+                                        "optimizer does not share the scaler): use bf16 or fp32.", unsupported=True))
+    return problems
+
+
+def fused_blockers(config, shape: RunShape) -> list[Blocker]:
+    """The settings that rule the fused loss out for this run (empty: it may run, if both models pass the
+    chooser's lm_head probe)."""
+    blockers = []
+    if shape.sharded:
+        blockers.append(Blocker("FSDP/DeepSpeed", "FSDP / DeepSpeed shard the lm_head weights the fused loss reads "
+                                                  "whole"))
+    if config.precompute_teacher_logits:
+        blockers.append(Blocker("precompute_teacher_logits", "precompute_teacher_logits serves teacher logits, not "
+                                                             "the teacher's hidden states"))
+    if _features(config):
+        blockers.append(Blocker("feature distillation", "feature distillation (hidden_weight / attention_weight) "
+                                                        "runs the teacher for full logits"))
+    if shape.mode == "ensemble":
+        blockers.append(Blocker("ensemble", "an ensemble's target is the mixture of several teachers' "
+                                            "distributions, which reaches the loss as logits"))
+    if shape.mode == "online":
+        blockers.append(Blocker("online", "online distillation trains the teacher too, each model on the other's "
+                                          "full logits"))
+    if _served(config):
+        blockers.append(Blocker("served teacher", "a served teacher's top-k takes the dense sparse loss"))
+    if shape.teacher == "side_process" and not config.teacher_cache:
+        blockers.append(Blocker("side-process teacher", SIDE_PROCESS_REASON))
+    return blockers
+
+
+def fused_refusal(reasons: list[str]) -> str:
+    return ("fused_loss=true, but the fused loss cannot be used here: " + "; ".join(reasons)
+            + ". Set fused_loss=auto (falls back to the dense loss) or false.")
+
+
+def loss_path(config, shape: RunShape) -> LossPath:
+    """The loss path of the run's training batches: "fused" or "dense", with a note when the answer still depends on
+    the models (auto: the chooser probes their lm_heads). Raises for fused_loss=true with a blocker."""
+    setting = str(getattr(config, "fused_loss", "false")).lower()
+    if setting == "false":
+        return LossPath(DENSE)
+    blockers = fused_blockers(config, shape)
+    if setting == "true":
+        if blockers:
+            raise ValueError(fused_refusal([blocker.reason for blocker in blockers]))
+        return LossPath(FUSED)
+    if blockers:
+        return LossPath(DENSE, "fused_loss=auto takes the dense loss here "
+                               f"({', '.join(blocker.name for blocker in blockers)})")
+    return LossPath(FUSED, "fused_loss=auto: fused if both models pass the trainer's lm_head probe, else dense")
+
+
+def teacher_source(config, mode: str) -> str:
+    """Where a run's KD training takes its teacher from when a ``teacher_cache`` may serve it: "none" (the cache
+    serves everything: plain offline distillation of one teacher's logits on the dataset's completions),
+    "side_process" (as "none", but with lmbda > 0: a side process scores the student's samples), else "live".
+    ``mode``: offline, ensemble, ema, online, or another name (e.g. born_again) that needs the live teacher."""
+    cache_serves = (bool(config.teacher_cache) and config.alpha < 1 and not config.seq_kd and not _features(config)
+                    and mode == "offline")
+    if not cache_serves:
+        return "live"
+    return "side_process" if config.lmbda > 0 else "none"
