@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import loss_memory, run
+from benchmarks import loss_memory, precomputed_memory, run
 
 
 def test_throughput_script_runs_every_variant_and_reports_ratios(tmp_path):
@@ -59,3 +59,10 @@ def test_packing_benchmark_compares_the_three_batchings_and_the_generation_buffe
     # Step grouping sorts within an optimizer step: with one micro-batch a step (the default) it changes nothing.
     assert computed["packed"] < computed["padded"] and computed["grouped"] <= computed["padded"]
     assert set(result["on_policy"]) == {"per_micro_batch", "buffer"}
+
+
+def test_precomputed_memory_measures_both_layouts_of_the_same_logits():
+    one, per_example = (precomputed_memory.measure(layout, 64) for layout in ("one_tensor", "per_example"))
+    assert one["logits_bytes"] == per_example["logits_bytes"] > 0
+    assert one["logits_bytes"] % (89 * 4) == 0  # float32 rows of the char vocabulary
+    assert one["overhead_bytes"] == one["rss_growth_bytes"] - one["logits_bytes"]

@@ -95,8 +95,8 @@ class PrecomputedTeacherLogits:
             start, end = int(self.offsets[index]), int(self.offsets[index + 1])
             if end - start != counts[row]:
                 raise RuntimeError(
-                    f"Cached teacher logits of example {index} cover {end - start} positions but the batch has "
-                    f"{counts[row]}: the dataset changed after the cache was built."
+                    f"Precomputed teacher logits of example {index} cover {end - start} positions but the batch has "
+                    f"{counts[row]}: the dataset changed after they were computed."
                 )
             pieces.append(self.values[start:end])
         if pieces:
