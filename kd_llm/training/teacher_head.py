@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from kd_llm.models.lm_head import TeacherHead, TeacherHeadError, head_of_model
-from kd_llm.training.fused_path import OutputHead, probe_head
+from kd_llm.training.targets.heads import OutputHead, probe_head
 
 
 def checked_teacher_head(model: nn.Module, vocab_size: int | None = None) -> TeacherHead:
     """The head of ``model`` (unwrapped), after checking that its logits are softcap(head(final hidden state)): by its
     config and lm_head (:func:`kd_llm.models.lm_head.head_of_model`: no bias, no known logit post-processing) and
-    numerically, on a few tokens (:func:`kd_llm.training.fused_path.probe_head`), which catches what a config does not
-    say. ``vocab_size``: the tokenizer's length, which the head must cover."""
+    numerically, on a few tokens (:func:`kd_llm.training.targets.heads.probe_head`), which catches what a config does
+    not say. ``vocab_size``: the tokenizer's length, which the head must cover."""
     head = head_of_model(model)
     problem = probe_head(model, OutputHead(head.weight, None, head.softcap),
                          half_precision=head.weight.dtype != torch.float32)
