@@ -350,28 +350,6 @@ def check_parity(trainer, signal: ServedTopK, *, teacher_model, tokenizer) -> di
     return report
 
 
-def served_terms(trainer, student_logits, inputs: dict, shifted_labels, *, alpha: float, temperature: float,
-                 num_items_in_batch, training: bool):
-    """A batch's objective, its distillation term on the served top-k (the sparse loss, as a teacher cache). A
-    teacher that failed for good during training stops the run with a checkpoint (:func:`save_and_stop`)."""
-    from kd_llm.losses.sparse import sparse_distillation_objective
-    from kd_llm.serving.protocol import ServedTeacherUnavailable, TeacherIdentityError
-
-    args, targets = trainer.args, None
-    if alpha < 1:
-        try:
-            targets = trainer.served_teacher.targets(inputs["input_ids"], inputs.get("attention_mask"),
-                                                     shifted_labels, device=student_logits.device)
-        except (ServedTeacherUnavailable, TeacherIdentityError) as error:
-            if training:
-                save_and_stop(trainer, error)
-            raise
-    return sparse_distillation_objective(
-        student_logits, targets, shifted_labels, alpha=alpha, loss=args.distillation_loss, temperature=temperature,
-        tail_mode=args.teacher_cache_tail_mode, beta=args.beta, skew=args.skew,
-        num_items_in_batch=num_items_in_batch, kd_vocab_size=trainer.kd_vocab_size)
-
-
 def save_and_stop(trainer, error: Exception):
     """On a served teacher that failed for good during training: save a checkpoint of the last finished step (the
     failed step's partial gradients are dropped), then raise :class:`ServedTeacherStopped` with the server, the
