@@ -183,3 +183,13 @@ def test_bad_run_shapes_are_refused():
         RunShape(mode="sideways")
     with pytest.raises(ValueError, match="teacher must be one of"):
         RunShape(teacher="somewhere")
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(lmbda=0.5), "lmbda > 0"), (dict(seq_kd=True, alpha=0.5), "seq_kd"),
+    (dict(precompute_teacher_logits=True), "precompute_teacher_logits"), (dict(teacher_cache="c"), "teacher_cache"),
+])
+def test_packing_refuses_the_targets_laid_out_per_padded_example(tmp_path, settings, named):
+    with pytest.raises(ValueError, match=f"packing=True cannot be combined with {named} yet"):
+        config(tmp_path, packing=True, **settings)
+    assert rules.packing_problems(config(tmp_path, **settings)) == []

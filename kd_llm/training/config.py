@@ -290,7 +290,7 @@ class DistillationConfig(TrainingArguments):
 
 
 def packing_config_problems(config) -> list[str]:
-    """The packing settings, and the sources of teacher targets that cannot read packed rows yet."""
+    """The packing settings' own values (what packing cannot combine with: kd_llm.training.rules)."""
     problems = []
     if not isinstance(config.packing_max_length, int) or config.packing_max_length < 0:
         problems.append(f"packing_max_length must be an integer >= 0 (0: the longest example of the micro-batch), "
@@ -303,13 +303,4 @@ def packing_config_problems(config) -> list[str]:
     if config.packing_overlong not in OVERLONG_CHOICES:
         problems.append(f"packing_overlong must be one of {', '.join(OVERLONG_CHOICES)}, got "
                         f"{config.packing_overlong!r}")
-    if not config.packing:
-        return problems
-    unsupported = [name for name, on in (("lmbda > 0", config.lmbda > 0), ("seq_kd", config.seq_kd),
-                                         ("precompute_teacher_logits", config.precompute_teacher_logits),
-                                         ("teacher_cache", bool(config.teacher_cache))) if on]
-    if unsupported:
-        problems.append(f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets "
-                        "and generated completions are laid out per padded example): set packing=False, and cut "
-                        "padding with length_grouping=step or train_sampling_strategy=group_by_length instead")
     return problems

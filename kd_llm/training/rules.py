@@ -121,7 +121,22 @@ def config_problems(config) -> list[str]:
     if config.fused_loss not in FUSED_LOSS_CHOICES:
         problems.append(f"fused_loss must be one of {', '.join(FUSED_LOSS_CHOICES)}, got {config.fused_loss!r}")
     problems.extend(teacher_cache_problems(config))
+    problems.extend(packing_problems(config))
     return problems
+
+
+def packing_problems(config) -> list[str]:
+    """The sources of teacher targets that cannot read packed rows (kd_llm.data.packing) yet."""
+    if not getattr(config, "packing", False):
+        return []
+    unsupported = [name for name, on in (("lmbda > 0", config.lmbda > 0), ("seq_kd", config.seq_kd),
+                                         ("precompute_teacher_logits", config.precompute_teacher_logits),
+                                         ("teacher_cache", bool(config.teacher_cache))) if on]
+    if not unsupported:
+        return []
+    return [f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets and generated "
+            "completions are laid out per padded example): set packing=False, and cut padding with "
+            "length_grouping=step or train_sampling_strategy=group_by_length instead"]
 
 
 def side_process_problems(config, shape: RunShape) -> list[str]:
