@@ -12,6 +12,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from kd_llm import DistillationTrainer
 from kd_llm.data.collator import CausalLMCollator
+from kd_llm.losses.sparse import SparseTargets
+from kd_llm.serving.protocol import topk_with_tail
 from kd_llm.teacher_cache import TeacherCache
 from kd_llm.training.targets import (
     EXAMPLE_INDEX_COLUMN,
@@ -23,6 +25,7 @@ from kd_llm.training.targets import (
     PrecomputedLogits,
     PrecomputedTeacherLogits,
     Routed,
+    ServedTeacher,
     SideProcess,
     TargetCannotServe,
     TopKCache,
@@ -95,6 +98,20 @@ def side_process_stand_in(teacher):
     return score
 
 
+class FullTopKSignal:
+    """Answers like kd_llm.serving.training.ServedTopK, from the local teacher at k = V: the whole distribution."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def targets(self, input_ids, attention_mask, shifted_labels, *, device=None):
+        with torch.no_grad():
+            logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        rows = logits[shifted_labels != -100]
+        ids, log_probs, log_tail = topk_with_tail(rows, k=CHAR_VOCAB, temperature=TEMPERATURE, vocab_size=CHAR_VOCAB)
+        return SparseTargets(ids, log_probs, log_tail, TEMPERATURE)
+
+
 @pytest.fixture(scope="module")
 def precomputed(models, indexed, collator):
     return PrecomputedTeacherLogits.build(models[1], indexed, collator, batch_size=8, device="cpu",
@@ -108,7 +125,8 @@ def cache(tmp_path_factory, models, date_dataset, char_tokenizer, indexed):
     return TeacherCache.open(path, tokenizer=char_tokenizer, dataset=indexed, teacher=models[1])
 
 
-EXACT_TARGETS = ["live logits", "live lm_head", "precomputed", "side process", "ensemble", "routed precomputed"]
+EXACT_TARGETS = ["live logits", "live lm_head", "precomputed", "side process", "ensemble", "routed precomputed",
+                 "served at k = V"]
 
 
 def exact_target(name, student, teacher, precomputed):
@@ -120,6 +138,8 @@ def exact_target(name, student, teacher, precomputed):
         return PrecomputedLogits(precomputed)
     if name == "side process":
         return SideProcess(side_process_stand_in(teacher))
+    if name == "served at k = V":
+        return ServedTeacher(FullTopKSignal(teacher), "renormalise")
     if name == "ensemble":  # two copies of the teacher, half each: the mixture is the teacher's distribution
         return EnsembleMixture(TeacherEnsemble([teacher, teacher], [0.5, 0.5]), lambda: None)
     return Routed(PrecomputedLogits(precomputed), LiveLogits(teacher))
