@@ -47,8 +47,11 @@ TABLE = [
     (dict(fused_loss="true"), RunShape(sharded=True, processes=2), "FSDP / DeepSpeed shard"),
     (dict(fused_loss="auto", lmbda=0.5), RunShape(teacher="side_process"), "dense"),
     (dict(fused_loss="auto", lmbda=0.5, teacher_cache="CACHE"), RunShape(teacher="side_process"), "fused"),
+    (dict(fused_loss="auto", teacher_url="http://127.0.0.1:1"), RunShape(teacher="none"), "dense"),
+    (dict(fused_loss="true", teacher_url="http://127.0.0.1:1"), RunShape(teacher="none"), "served teacher's top-k"),
 ]
-BUILDABLE = [row for row in TABLE if not row[1].sharded and row[1].teacher != "side_process"]
+BUILDABLE = [row for row in TABLE
+             if not row[1].sharded and row[1].teacher != "side_process" and "teacher_url" not in row[0]]
 
 
 def row_id(row) -> str:
@@ -138,6 +141,9 @@ def test_teacher_problems(tmp_path, settings, shape, message):
 
 def test_a_live_teacher_serves_everything_the_config_allows(tmp_path):
     assert rules.teacher_problems(config(tmp_path, lmbda=0.5, seq_kd=True), RunShape()) == []
+    # A served teacher stands in for the teacher model (what it cannot serve: kd_llm.serving.settings).
+    assert rules.teacher_problems(config(tmp_path, lmbda=0.5, teacher_url="http://127.0.0.1:1"),
+                                  RunShape(teacher="none")) == []
 
 
 @pytest.mark.parametrize("settings, mode, message, unsupported", [
