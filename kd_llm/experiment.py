@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from kd_llm.cross_tokenizer.data import alignment_coverage, build_cross_tokenizer_dataset
 from kd_llm.data.formatting import format_prompt
 from kd_llm.data.sources import build_dataset, evaluation_records, load_records, supervised_token_count
 from kd_llm.distillation_modes import (DistillationModeArguments, TeacherSetup, build_trainer, check_mode_config,
@@ -28,7 +29,7 @@ from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.features.distiller import FeatureDistiller
 from kd_llm.hub import HubTarget, without_hub_push
-from kd_llm.models.loading import load_tokenizer
+from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.models.students import build_student, decoder_layers, rank_layers_by_importance
 from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.report.artifacts import BASELINE_DIR
@@ -62,6 +63,13 @@ class DistillationScriptArguments(DistillationModeArguments):
                           "pruned (teacher layers removed) or checkpoint (an existing model)."},
     )
     student_checkpoint: str | None = field(default=None, metadata={"help": "With student_init=checkpoint."})
+    student_model: str | None = field(
+        default=None,
+        metadata={"help": "With student_init pruned or scaled: the model (and tokenizer) the student is built from, "
+                          "when it is not the teacher, e.g. teacher packaged:gemma3-270m and student_model "
+                          "packaged:smollm2-135m-instruct. A tokenizer other than the teacher's needs "
+                          "cross_tokenizer_loss (kd_llm.cross_tokenizer)."},
+    )
     student_num_layers: int | None = field(default=None, metadata={"help": "Decoder layers of the student."})
     student_layers: list[int] | None = field(
         default=None, metadata={"help": "With student_init=pruned: the teacher layers to keep."}
@@ -160,6 +168,9 @@ class DistillationScriptArguments(DistillationModeArguments):
         if self.student_layers is not None and self.student_init != "pruned":
             raise ValueError(f"student_layers lists the teacher layers a pruned student keeps, but student_init is "
                              f"{self.student_init!r}: remove it, or set student_init pruned.")
+        if self.student_model is not None and self.student_init == "checkpoint":
+            raise ValueError("student_model is the model a pruned or scaled student is built from; with "
+                             "student_init checkpoint use student_checkpoint instead.")
         if self.transfer_size < 0:
             raise ValueError(f"transfer_size must be >= 0, got {self.transfer_size}.")
         for name in ("train_size", "eval_size", "max_length", "max_new_tokens", "generation_batch_size",
@@ -236,14 +247,16 @@ def _bits_per_byte(model, tokenizer, args: DistillationScriptArguments) -> dict:
     return {"source": source, **measured.as_dict()}
 
 
-def _evaluate(name: str, model, tokenizer, args: DistillationScriptArguments, records, extra: dict) -> dict:
+def _evaluate(name: str, model, tokenizer, args: DistillationScriptArguments, records, extra: dict,
+              use_chat_template: bool | None = None) -> dict:
     row = {"model": name, "parameters": parameter_count(model), **extra}
+    chat = args.use_chat_template if use_chat_template is None else use_chat_template
     if args.bpb_source != "none":
         row["bits_per_byte"] = _bits_per_byte(model, tokenizer, args)
     if args.evaluate_skills:
         scores = evaluate_skill(model, tokenizer, task=args.dataset, records=records,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
-                                use_chat_template=args.use_chat_template, progress=True)
+                                use_chat_template=chat, progress=True)
         row.update(scores)
     return row
 
@@ -292,6 +305,32 @@ def side_process_teacher(args: DistillationScriptArguments, config: Distillation
                           device=device)
 
 
+def load_student_model(args: DistillationScriptArguments, config: DistillationConfig, teachers):
+    """``student_model``: the model the student is built from and its tokenizer (the student's from then on). With
+    a tokenizer other than the teacher's the run is cross-tokenizer; what that does not support is refused now."""
+    trust = args.trust_remote_code
+    base, tokenizer = load_model(args.student_model, trust_remote_code=trust), load_tokenizer(args.student_model,
+                                                                                              trust_remote_code=trust)
+    if tokenizer.get_vocab() == teachers.tokenizer.get_vocab() and config.cross_tokenizer_loss is None:
+        return base, tokenizer, None
+    problems = []
+    if config.cross_tokenizer_loss is None:
+        problems.append("set cross_tokenizer_loss (hybrid, uld or span) to distil across the two tokenizers")
+    if args.distillation_mode != "offline" or args.extra_teachers:
+        problems.append(f"distillation_mode {args.distillation_mode}{' with extra_teachers' if args.extra_teachers else ''} "
+                        "is not supported across tokenizers (offline only)")
+    if args.transfer_size:
+        problems.append("transfer_size (a teacher-written transfer set) is not supported across tokenizers yet")
+    if args.write_report:
+        problems.append("write_report measures every model on the same prompt token ids, which a teacher with "
+                        "another tokenizer cannot read yet: pass --write_report false (results.json still has every "
+                        "model's skill and bits per byte)")
+    if problems:
+        raise ValueError(f"student_model {args.student_model!r} has another tokenizer than the teacher "
+                         f"{args.teacher!r}: " + "; ".join(problems) + ".")
+    return base, tokenizer, teachers.tokenizer
+
+
 def run_distillation(args: DistillationScriptArguments, config: DistillationConfig) -> dict:
     """Run the whole comparison and save the distilled student, its tokenizer and ``results.json`` in
     ``config.output_dir``. With ``push_to_hub``, that folder's allow-listed files are then pushed (kd_llm.hub)."""
@@ -323,11 +362,22 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     else:
         teachers = load_teachers(args)  # with teacher_adapter merged; ensemble members checked, loaded when needed
     teacher, tokenizer = teachers.teacher, teachers.tokenizer
+    # student_model: the student is built from another model, with its own tokenizer (cross-tokenizer when the
+    # tokenizers differ: teacher_tokenizer is then the teacher's, `tokenizer` the student's).
+    student_base, teacher_tokenizer = teacher, None
+    if args.student_model is not None:
+        student_base, tokenizer, teacher_tokenizer = load_student_model(args, config, teachers)
     task_options = {"prompt_style": args.prompt_style} if args.dataset == "date_arithmetic" else {}
     train_records = load_records(args.dataset, split="train", size=args.train_size, seed=args.problem_seed,
                                  **task_options)
     train_dataset = build_dataset(train_records, tokenizer, max_length=args.max_length,
                                   use_chat_template=args.use_chat_template, source_name=args.dataset)
+    cross_dataset = None
+    if teacher_tokenizer is not None:  # every record aligned now: bad input stops the run before any training
+        cross_dataset = build_cross_tokenizer_dataset(train_records, tokenizer, teacher_tokenizer,
+                                                      max_length=args.max_length,
+                                                      use_chat_template=args.use_chat_template,
+                                                      source_name=args.dataset)
     eval_records = None
     if args.evaluate_skills:
         eval_records = evaluation_records(args.dataset, args.eval_dataset, size=args.eval_size,
@@ -335,7 +385,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     # Importance pruning ranks layers by the loss on a few training texts.
     calibration = tokenizer.batch_decode(train_dataset[: args.calibration_size]["input_ids"],
                                          skip_special_tokens=True) if args.prune_strategy == "importance" else None
-    new_student = student_factory(args, teacher, make_student_factory(args, teacher, tokenizer, calibration))
+    new_student = student_factory(args, teacher, make_student_factory(args, student_base, tokenizer, calibration))
     untrained_student = new_student()
     check_checkpoint_student_tokenizer(args, tokenizer, teacher, untrained_student)
     # Feature terms the two models cannot serve (attention maps of fused-QKV layers, layer maps out of range) are
@@ -346,8 +396,12 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
     report_memory_estimate(untrained_student, memory_teacher, config, train_dataset, shape=shape,
                            max_length=args.max_length if args.transfer_size else None)  # transfer set: not built yet
 
-    # A served teacher is not evaluated here (it scores; the skill check needs it to generate).
-    rows = [] if served else [_evaluate("teacher", teacher, tokenizer, args, eval_records, {"train_seconds": None})]
+    # A served teacher is not evaluated here (it scores; the skill check needs it to generate). A teacher with
+    # another tokenizer (student_model) is evaluated through its own tokenizer and chat template.
+    teacher_chat = None if teacher_tokenizer is None else (args.use_chat_template
+                                                            and bool(teacher_tokenizer.chat_template))
+    rows = [] if served else [_evaluate("teacher", teacher, teacher_tokenizer or tokenizer, args, eval_records,
+                                        {"train_seconds": None}, use_chat_template=teacher_chat)]
     rows.append(_evaluate("student, before training", untrained_student, tokenizer, args, eval_records,
                           {"train_seconds": 0.0}))
     teacher_check = check_run_teacher(args, rows)  # raises, before any training, unless --force
@@ -368,7 +422,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         if args.write_report:  # the report measures it from disk, like the other models
             baseline_trainer.save_model(str(output_dir / BASELINE_DIR))
             tokenizer.save_pretrained(str(output_dir / BASELINE_DIR))
-    kd_dataset, transfer_seconds = train_dataset, 0.0
+    kd_dataset, transfer_seconds = cross_dataset or train_dataset, 0.0
     if args.transfer_size:
         started = time.perf_counter()
         transfer = teacher_transfer_set(teacher, tokenizer, args, task_options)
@@ -387,8 +441,14 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
           else contextlib.nullcontext()) as teacher_process:
         if teacher_process is not None:
             teachers.teacher = teacher_process  # stopped when training ends, before the report reloads the teacher
+        make_trainer = functools.partial(build_trainer, args, teachers)
+        if teacher_tokenizer is not None:
+            def make_trainer(model, config, train_dataset):
+                return DistillationTrainer(model=model, teacher_model=teachers.teacher, args=config,
+                                           train_dataset=train_dataset, processing_class=tokenizer,
+                                           teacher_tokenizer=teacher_tokenizer)
         trainer, seconds = _train(kd_student, teachers.teacher, tokenizer, config, kd_dataset,
-                                  make_trainer=functools.partial(build_trainer, args, teachers))
+                                  make_trainer=make_trainer)
     if teacher_process is not None:
         teachers.teacher = None
     if teacher is None and args.write_report:
@@ -412,6 +472,9 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         "student_teacher_layers": getattr(trainer.model.config, "kd_llm_teacher_layers", None),
         "supervised_tokens": int(supervised_token_count(train_dataset)),
         "teacher_cache": cache_summary(config),  # k, temperature, codec, bytes/token, or None
+        "student_model": args.student_model,
+        "cross_tokenizer": None if cross_dataset is None else {"loss": config.cross_tokenizer_loss,
+                                                               **alignment_coverage(cross_dataset)},
         "distillation": {k: getattr(config, k) for k in ("alpha", "temperature", "final_temperature",
                                                           "temperature_schedule", "distillation_loss", "beta", "skew",
                                                           "l2_weight", "precompute_teacher_logits", "lmbda",

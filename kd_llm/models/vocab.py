@@ -17,7 +17,8 @@ SPECIAL_TOKEN_ROLES = ("bos", "eos", "pad", "unk")
 _SHOW = 5
 _FIX = (
     "Fix: give the student the teacher's tokenizer (build or load the student with it and save them together), or "
-    "resize the embeddings with model.resize_token_embeddings(len(tokenizer))."
+    "resize the embeddings with model.resize_token_embeddings(len(tokenizer)); or distil across the two tokenizers "
+    "with cross_tokenizer_loss (hybrid, uld or span; kd_llm.cross_tokenizer)."
 )
 
 

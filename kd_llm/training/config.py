@@ -235,6 +235,16 @@ class DistillationConfig(TrainingArguments):
         default="error",
         metadata={"help": "An example longer than packing_max_length: error (stop, naming it) or truncate (cut to "
                           "packing_max_length tokens). Never split across rows."},
+    cross_tokenizer_loss: str | None = field(
+        default=None,
+        metadata={"help": "A teacher with another tokenizer than the student's (teacher_tokenizer): the loss over "
+                          "aligned spans (kd_llm.cross_tokenizer). hybrid: distillation_loss over the tokens both "
+                          "vocabularies share plus a tail, ULD on the rest (equals plain KD for equal tokenizers); "
+                          "uld: sorted-probability L1 (Boizard et al. 2024); span: chain-rule span likelihoods "
+                          "(Minixhofer et al. 2025). Unset: different tokenizers are refused."},
+    )
+    uld_weight: float = field(
+        default=1.0, metadata={"help": "With cross_tokenizer_loss=hybrid: weight of ULD on the unshared tokens (>= 0)."}
     )
     # Extra columns (the cache index) must reach the collator; kd_llm's collator ignores the rest.
     remove_unused_columns: bool = field(

@@ -5,7 +5,8 @@ Pure functions of a :class:`~kd_llm.training.DistillationConfig` (any object wit
 ``kd_llm.training``: the config's validation, the target chooser (``kd_llm.training.targets.choose``), the memory
 estimate, ``kd_llm.experiment`` and the modes' ``check_config`` all ask it, so the answer is written once.
 
-- :func:`config_problems`: settings that do not combine, whatever the run (config validation);
+- :func:`config_problems`: settings that do not combine, whatever the run (config validation), including what a
+  teacher with another tokenizer (``cross_tokenizer_loss``) cannot do;
 - :func:`teacher_problems`: what the teacher source (none, live, side process) cannot serve;
 - :func:`mode_problems`: what a mode (ensemble, EMA, online) cannot honour;
 - :func:`fused_blockers` / :func:`loss_path`: why the fused loss is ruled out, and the path that runs;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kd_llm.cross_tokenizer.losses import CROSS_TOKENIZER_LOSSES
 from kd_llm.losses.sparse import SPARSE_DIVERGENCES, TAIL_MODES, same_temperature
 
 FUSED_LOSS_CHOICES = ("auto", "true", "false")
@@ -107,6 +109,37 @@ def teacher_cache_problems(config) -> list[str]:
     return problems
 
 
+def cross_tokenizer_config_problems(config) -> list[str]:
+    """What a ``DistillationConfig`` with ``cross_tokenizer_loss`` set cannot do, one reason each."""
+    method = getattr(config, "cross_tokenizer_loss", None)
+    if method is None:
+        return []
+    if method not in CROSS_TOKENIZER_LOSSES:
+        return [f"cross_tokenizer_loss must be one of {', '.join(CROSS_TOKENIZER_LOSSES)} (or unset), got {method!r}"]
+    problems = []
+    if config.uld_weight < 0:
+        problems.append(f"uld_weight must be >= 0, got {config.uld_weight}")
+    reasons = {
+        "teacher_cache": "a teacher cache stores the teacher's outputs at its own token positions without their "
+                         "character offsets, so they cannot be aligned with the student's",
+        "precompute_teacher_logits": "precomputed logits are gathered by the student's positions, which are not the "
+                                     "teacher's",
+        "hidden_weight": "hidden-state terms pair student and teacher positions one to one, which two tokenizers "
+                         "do not share",
+        "attention_weight": "attention-map terms pair positions one to one, which two tokenizers do not share",
+        "lmbda": "on-policy samples would have to be decoded and re-tokenised for the teacher, not supported yet",
+        "seq_kd": "teacher-written completions would have to be re-tokenised for the student, not supported yet",
+        "packing": "packed rows would mix several examples' teacher renderings and span ids, not supported",
+    }
+    for name, reason in reasons.items():
+        if getattr(config, name, None):
+            problems.append(f"{name} is not supported with cross_tokenizer_loss: {reason}")
+    if config.fused_loss == "true":
+        problems.append("fused_loss=true is not possible with cross_tokenizer_loss: the loss compares aligned spans "
+                        "of two vocabularies from dense logits (use auto or false)")
+    return problems
+
+
 def config_problems(config) -> list[str]:
     """Settings that do not combine, whatever the run (``DistillationConfig.__post_init__`` raises them)."""
     problems = []
@@ -122,6 +155,7 @@ def config_problems(config) -> list[str]:
         problems.append(f"fused_loss must be one of {', '.join(FUSED_LOSS_CHOICES)}, got {config.fused_loss!r}")
     problems.extend(teacher_cache_problems(config))
     problems.extend(packing_problems(config))
+    problems.extend(cross_tokenizer_config_problems(config))
     return problems
 
 
@@ -186,6 +220,9 @@ def mode_problems(config, mode: str) -> list[ModeProblem]:
     """What the ``ensemble``, ``ema`` and ``online`` modes cannot honour (offline: nothing)."""
     problems = []
     on_policy = getattr(config, "lmbda", 0) > 0 or getattr(config, "seq_kd", False)
+    if mode != "offline" and getattr(config, "cross_tokenizer_loss", None):
+        problems.append(ModeProblem(f"cross_tokenizer_loss (a teacher with another tokenizer) is supported with one "
+                                    f"frozen teacher (offline), not in the {mode} mode", unsupported=True))
     if mode == "ensemble":
         if config.alpha >= 1:
             problems.append(ModeProblem("alpha=1 trains on hard labels alone: an ensemble of teachers would never "
@@ -252,6 +289,9 @@ def fused_blockers(config, shape: RunShape) -> list[Blocker]:
         blockers.append(Blocker("served teacher", "a served teacher's top-k takes the dense sparse loss"))
     if shape.teacher == "side_process" and not config.teacher_cache:
         blockers.append(Blocker("side-process teacher", SIDE_PROCESS_REASON))
+    if getattr(config, "cross_tokenizer_loss", None):
+        blockers.append(Blocker("cross-tokenizer", "cross-tokenizer distillation compares aligned spans of two "
+                                                   "vocabularies, from dense logits"))
     return blockers
 
 

@@ -8,6 +8,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from kd_llm.cross_tokenizer.data import CrossTokenizerCollator
+from kd_llm.cross_tokenizer.teacher import cross_tokenizer_settings
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.data.packing import PackingCollator, packing_attention_problem
 from kd_llm.data.sampling import StepShuffledLengthSampler
@@ -58,7 +60,8 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             the batches a cache does not hold (on-policy samples, evaluation) on the dense loss.
         args: a :class:`DistillationConfig`.
         teacher_tokenizer: the teacher's tokenizer, checked against ``processing_class`` (the student's). Leave None
-            when both use the same tokenizer object.
+            when both use the same tokenizer object. With ``args.cross_tokenizer_loss`` it may differ: the training
+            set then holds both renderings and their alignment (kd_llm.cross_tokenizer.data).
         **kwargs: passed to ``transformers.Trainer``.
     """
 
@@ -89,16 +92,28 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                                                                                      PackingCollator):
             raise ValueError("packing=True packs batches with kd_llm.data.packing.PackingCollator: leave "
                              "data_collator unset (or pass a PackingCollator), or set packing=False.")
+        self.cross_tokenizer = None
+        if args.cross_tokenizer_loss is not None and teacher_model is not None and args.alpha < 1:
+            # Another tokenizer: checked (offsets, pads, shared vocabulary) now, before any work.
+            self.cross_tokenizer = cross_tokenizer_settings(
+                args.cross_tokenizer_loss, tokenizer, teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
+                model, teacher_model, uld_weight=args.uld_weight)
         if kwargs.get("data_collator") is None and tokenizer is not None:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             kwargs["data_collator"] = (
                 PackingCollator(pad_id, max_length=args.packing_max_length, overlong=args.packing_overlong,
                                 passthrough_keys=(EXAMPLE_INDEX_COLUMN,)) if args.packing
                 else CausalLMCollator(pad_id, passthrough_keys=(EXAMPLE_INDEX_COLUMN,)))
+            if self.cross_tokenizer is not None:  # packing with cross_tokenizer_loss is refused by the rules
+                teacher_side = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
+                teacher_pad = (teacher_side.pad_token_id if teacher_side.pad_token_id is not None
+                               else teacher_side.eos_token_id)
+                kwargs["data_collator"] = CrossTokenizerCollator(pad_id, teacher_pad,
+                                                                 passthrough_keys=(EXAMPLE_INDEX_COLUMN,))
         if args.packing:
             self._check_packing(model, teacher_model, kwargs)
         self.kd_vocab_size = None
-        if teacher_model is not None:
+        if teacher_model is not None and self.cross_tokenizer is None:
             # Before any work: a vocabulary mismatch must not surface after an hour of training.
             self.kd_vocab_size = reconcile_vocabularies(
                 teacher_tokenizer if teacher_tokenizer is not None else tokenizer, tokenizer, teacher_model, model
@@ -159,6 +174,7 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             teacher=self.teacher, teacher_module=self.accelerator.unwrap_model(self.teacher) if one_model else None,
             cache=self.teacher_cache, precomputed=self.teacher_logits, served=self.served_teacher,
             on_served_failure=self._stop_on_served_failure, mixed_precision=self.accelerator.mixed_precision != "no",
+            cross_tokenizer=self.cross_tokenizer,
         )
 
     def _stop_on_served_failure(self, error: Exception) -> None:
@@ -289,6 +305,12 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         metrics["total_loss"].append(loss.detach())
         metrics["temperature"].append(temperature)
         metrics["step"].append(self.state.global_step)
+        spans = getattr(terms, "spans", None)  # cross-tokenizer terms: aligned spans, the hybrid's matched mass
+        if spans is not None:
+            metrics["aligned_spans"].append(spans)
+            if terms.student_matched_mass is not None:
+                metrics["student_matched_mass"].append(terms.student_matched_mass.item())
+                metrics["teacher_matched_mass"].append(terms.teacher_matched_mass.item())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
@@ -303,6 +325,10 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                 logs[prefix + name] = round(nested_gather(value, self.args.parallel_mode).mean().item(), 6)
             if mode == "train":
                 logs["temperature"] = round(metrics["temperature"][-1], 6)
+            spans = sum(metrics.get("aligned_spans", []))
+            for side in ("student", "teacher"):  # cross-tokenizer hybrid: mean share of mass on shared tokens
+                if metrics.get(f"{side}_matched_mass") and spans:
+                    logs[f"{side}_matched_mass"] = round(sum(metrics[f"{side}_matched_mass"]) / spans, 6)
             metrics.clear()
         if mode == "train" and getattr(self, "completion_generator", None) is not None:
             logs.update(self.completion_generator.pop_log_metrics(self._mean_over_processes))

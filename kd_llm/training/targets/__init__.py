@@ -17,6 +17,7 @@ The targets (one module each):
 - ``side_process``: :class:`SideProcess`, a :class:`~kd_llm.training.teacher_process.TeacherProcess`'s logits;
 - ``ensemble``: :class:`EnsembleMixture`, the mixture of several frozen teachers, live;
 - ``served``: :class:`ServedTeacher`, a served teacher's top-k over HTTP (kd_llm.serving), on the sparse loss;
+- ``cross_tokenizer``: :class:`CrossTokenizer`, a live teacher with another tokenizer, compared over aligned spans;
 - ``routed``: :class:`Routed(primary, fallback)`: a stored target serves training batches of the dataset, a live or
   side-process teacher the rest (evaluation, generated completions).
 
@@ -47,6 +48,7 @@ from kd_llm.training.targets.base import (
     TeacherTarget,
 )
 from kd_llm.training.targets.choose import TargetSources, choose_target
+from kd_llm.training.targets.cross_tokenizer import CrossTokenizer
 from kd_llm.training.targets.ensemble import EnsembleMixture
 from kd_llm.training.targets.live import LiveHead, LiveLogits
 from kd_llm.training.targets.precomputed import PrecomputedLogits, PrecomputedTeacherLogits
@@ -55,6 +57,7 @@ from kd_llm.training.targets.served import ServedTeacher
 from kd_llm.training.targets.side_process import SideProcess
 from kd_llm.training.targets.topk_cache import TopKCache, TopKCacheFused, open_training_cache
 
-__all__ = ["EXAMPLE_INDEX_COLUMN", "EnsembleMixture", "KDBatch", "LiveHead", "LiveLogits", "LossRequest",
-           "PrecomputedLogits", "PrecomputedTeacherLogits", "Routed", "ServedTeacher", "SideProcess", "TargetCannotServe",
+__all__ = ["EXAMPLE_INDEX_COLUMN", "CrossTokenizer", "EnsembleMixture", "KDBatch", "LiveHead", "LiveLogits",
+           "LossRequest", "PrecomputedLogits", "PrecomputedTeacherLogits", "Routed", "ServedTeacher", "SideProcess",
+           "TargetCannotServe",
            "TargetSources", "TeacherTarget", "TopKCache", "TopKCacheFused", "choose_target", "open_training_cache"]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -15,6 +15,8 @@ from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY
 # The row index of each training example, added to the dataset by the trainer when stored targets (precomputed
 # logits or an on-disk teacher cache) are looked up by example; passed through by the collator.
 EXAMPLE_INDEX_COLUMN = "kd_example_index"
+# Columns a target reads besides the models' inputs start with this (kd_llm.cross_tokenizer.data's kd_teacher_*).
+SIDE_INPUT_PREFIX = "kd_"
 
 
 @dataclass
@@ -27,15 +29,19 @@ class KDBatch:
     completion_source: str | None = None  # None: the dataset's completion; "student" (on-policy) or "teacher" (seq_kd)
     teacher_outputs: object = None  # the live teacher's outputs, when the feature terms already ran it on the batch
     packed_example_ids: Tensor | None = None  # packed batches (kd_llm.data.packing): each token's example, or -1
+    side_inputs: dict = field(default_factory=dict)  # other kd_* columns, for a target (e.g. the teacher's own ids)
 
     @classmethod
     def pop_from(cls, inputs: dict) -> KDBatch:
-        """Pop the labels and kd_llm's bookkeeping keys out of ``inputs``; what stays is the models' input."""
+        """Pop the labels and kd_llm's bookkeeping keys out of ``inputs``; what stays is the models' input. Every
+        other ``kd_*`` key (a target's side inputs) is popped too, so the student's forward never sees it."""
         example_index = inputs.pop(EXAMPLE_INDEX_COLUMN, None)
         completion_source = inputs.pop(COMPLETION_SOURCE_KEY, None)
         packed_example_ids = inputs.pop(PACKED_EXAMPLE_KEY, None)  # never a model input
         labels = inputs.pop("labels")
-        return cls(inputs, labels[:, 1:], example_index, completion_source, packed_example_ids=packed_example_ids)
+        side_inputs = {key: inputs.pop(key) for key in [k for k in inputs if k.startswith(SIDE_INPUT_PREFIX)]}
+        return cls(inputs, labels[:, 1:], example_index, completion_source, packed_example_ids=packed_example_ids,
+                   side_inputs=side_inputs)
 
     @property
     def generated(self) -> bool:

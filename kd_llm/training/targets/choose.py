@@ -16,6 +16,7 @@ from torch import nn
 
 from kd_llm.training import rules
 from kd_llm.training.targets.base import TeacherTarget
+from kd_llm.training.targets.cross_tokenizer import CrossTokenizer
 from kd_llm.training.targets.ensemble import EnsembleMixture
 from kd_llm.training.targets.heads import head_problem
 from kd_llm.training.targets.live import LiveHead, LiveLogits
@@ -37,7 +38,7 @@ class TargetSources:
     ``student``: the unwrapped student; ``cache``: an opened top-k teacher cache; ``precomputed``: teacher logits
     kept in memory; ``load_ensemble``: for an ensemble teacher, loads every member not in memory yet; ``served``: a
     served teacher's signal (kd_llm.serving.training.ServedTopK), ``on_served_failure`` what to do when it fails for
-    good."""
+    good; ``cross_tokenizer``: the checked settings of a teacher with another tokenizer (kd_llm.cross_tokenizer)."""
 
     args: object
     shape: rules.RunShape
@@ -50,6 +51,7 @@ class TargetSources:
     served: object = None
     on_served_failure: Callable[[Exception], None] | None = None
     mixed_precision: bool = False
+    cross_tokenizer: object = None  # CrossTokenizerSettings: a live teacher with another tokenizer
 
 
 def fused_reasons(sources: TargetSources) -> list[str]:
@@ -98,6 +100,8 @@ def live_target(sources: TargetSources, fused: bool) -> TeacherTarget | None:
         return EnsembleMixture(sources.teacher, sources.load_ensemble)
     if sources.teacher is None and sources.args.alpha < 1:
         return None  # a stored target serves the training batches; nothing serves the rest
+    if sources.cross_tokenizer is not None:
+        return CrossTokenizer(sources.teacher, sources.cross_tokenizer)
     if fused:
         return LiveHead(sources.student, sources.teacher, sources.teacher_module)
     return LiveLogits(sources.teacher)

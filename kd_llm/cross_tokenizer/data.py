@@ -1,0 +1,104 @@
+"""Training data for cross-tokenizer distillation: each record rendered for both models, and their alignment.
+
+A row holds what the student trains on (``input_ids``, ``labels``: exactly what it would train on alone) plus the
+teacher's rendering of the same record and the aligned span id of every token on both sides, in columns named
+``kd_teacher_*`` / ``kd_*_spans`` (:data:`CROSS_TOKENIZER_COLUMNS`). :class:`CrossTokenizerCollator` pads them. Every
+record is aligned when the dataset is built, so bad input (no offsets, text that does not round-trip, an empty
+alignment) stops the run before training, naming the record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+
+from kd_llm.cross_tokenizer.alignment import align_sides
+from kd_llm.cross_tokenizer.rendering import CrossTokenizerDataError, render_side
+from kd_llm.data.collator import CausalLMCollator
+
+__all__ = ["CROSS_TOKENIZER_COLUMNS", "CrossTokenizerCollator", "alignment_coverage", "build_cross_tokenizer_dataset",
+           "cross_tokenizer_row"]
+
+TEACHER_INPUT_IDS = "kd_teacher_input_ids"
+TEACHER_ATTENTION_MASK = "kd_teacher_attention_mask"
+STUDENT_SPANS = "kd_student_spans"
+TEACHER_SPANS = "kd_teacher_spans"
+CROSS_TOKENIZER_COLUMNS = (TEACHER_INPUT_IDS, STUDENT_SPANS, TEACHER_SPANS)
+
+
+def cross_tokenizer_row(record: dict[str, Any], student_tokenizer, teacher_tokenizer, *, use_chat_template: bool,
+                        max_length: int | None = None) -> dict[str, list[int]]:
+    """One dataset row (see module doc); each side uses its chat template if it has one and ``use_chat_template``."""
+    student = render_side(record, student_tokenizer, use_chat_template=use_chat_template, max_length=max_length)
+    teacher = render_side(record, teacher_tokenizer, use_chat_template=use_chat_template, max_length=max_length)
+    alignment = align_sides(student, teacher)
+    return {"input_ids": student.input_ids, "labels": student.labels, TEACHER_INPUT_IDS: teacher.input_ids,
+            STUDENT_SPANS: alignment.student_spans, TEACHER_SPANS: alignment.teacher_spans}
+
+
+def build_cross_tokenizer_dataset(records: list[dict[str, Any]], student_tokenizer, teacher_tokenizer, *,
+                                  max_length: int | None = None, use_chat_template: bool = True,
+                                  source_name: str = "dataset") -> datasets.Dataset:
+    """A ``Dataset`` of :func:`cross_tokenizer_row` rows plus ``length``; each record's error names its index."""
+    if not records:
+        raise CrossTokenizerDataError(f"{source_name} is empty: there is nothing to train on.")
+    rows = []
+    for index, record in enumerate(records):
+        try:
+            rows.append(cross_tokenizer_row(record, student_tokenizer, teacher_tokenizer,
+                                            use_chat_template=use_chat_template, max_length=max_length))
+        except CrossTokenizerDataError as error:
+            raise CrossTokenizerDataError(f"{source_name}, record {index}: {error}") from error
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    return datasets.Dataset.from_dict(columns)
+
+
+def alignment_coverage(dataset: datasets.Dataset) -> dict:
+    """How much of the supervised text the alignment compares: aligned spans per student and per teacher token."""
+    spans = student_tokens = teacher_tokens = 0
+    for student, teacher in zip(dataset[STUDENT_SPANS], dataset[TEACHER_SPANS]):
+        spans += max(student, default=-1) + 1
+        student_tokens += sum(s >= 0 for s in student)
+        teacher_tokens += sum(t >= 0 for t in teacher)
+    return {"aligned_spans": spans, "student_tokens": student_tokens, "teacher_tokens": teacher_tokens,
+            "spans_per_student_token": round(spans / max(student_tokens, 1), 4),
+            "spans_per_teacher_token": round(spans / max(teacher_tokens, 1), 4)}
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+@dataclass
+class CrossTokenizerCollator:
+    """The student's batch (:class:`CausalLMCollator`) plus the teacher's ids (right-padded with its pad id), its
+    attention mask, and both sides' span ids (padded with -1)."""
+
+    pad_token_id: int
+    teacher_pad_token_id: int
+    passthrough_keys: tuple[str, ...] = ()
+    student: CausalLMCollator = field(init=False)
+
+    def __post_init__(self):
+        self.student = CausalLMCollator(self.pad_token_id, passthrough_keys=self.passthrough_keys)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        missing = [key for key in CROSS_TOKENIZER_COLUMNS if key not in features[0]]
+        if missing:
+            raise KeyError(f"cross-tokenizer batches need the columns {', '.join(missing)}: build the dataset with "
+                           "kd_llm.cross_tokenizer.data.build_cross_tokenizer_dataset.")
+        batch = self.student(features)
+        teacher_ids = [f[TEACHER_INPUT_IDS] for f in features]
+        batch[TEACHER_INPUT_IDS] = _pad(teacher_ids, self.teacher_pad_token_id)
+        batch[TEACHER_ATTENTION_MASK] = _pad([[1] * len(ids) for ids in teacher_ids], 0)
+        batch[STUDENT_SPANS] = _pad([f[STUDENT_SPANS] for f in features], -1)
+        batch[TEACHER_SPANS] = _pad([f[TEACHER_SPANS] for f in features], -1)
+        return batch
