@@ -238,8 +238,7 @@ def _bits_per_byte(model, tokenizer, args: DistillationScriptArguments) -> dict:
     character tokenizer) gets ``{"skipped": why}``, shown as such in the report, instead of stopping the run."""
     source = "debian-licenses" if args.bpb_source == "auto" else args.bpb_source
     try:
-        measured = bits_per_byte(model, tokenizer, load_bpb_text(source, args.bpb_max_bytes),
-                                 batch_size=min(4, args.generation_batch_size))
+        measured = bits_per_byte(model, tokenizer, load_bpb_text(source, args.bpb_max_bytes))
     except (ValueError, FileNotFoundError) as error:
         if args.bpb_source != "auto":
             raise

@@ -106,7 +106,7 @@ def text_windows(tokenizer, text: str, max_tokens: int) -> list[tuple[list[int],
 
 
 @torch.no_grad()
-def bits_per_byte(model, tokenizer, texts, *, max_tokens: int = 512, batch_size: int = 4) -> BitsPerByte:
+def bits_per_byte(model, tokenizer, texts, *, max_tokens: int = 512, batch_size: int = 1) -> BitsPerByte:
     """Total NLL of ``texts`` under ``model`` in bits, their UTF-8 bytes and the tokens scored (see module doc)."""
     if isinstance(texts, str):
         texts = [texts]
@@ -126,10 +126,11 @@ def bits_per_byte(model, tokenizer, texts, *, max_tokens: int = 512, batch_size:
                 input_ids[row, 1:1 + len(ids)] = torch.tensor(ids)
                 mask[row, :1 + len(ids)] = 1
             input_ids, mask = input_ids.to(device), mask.to(device)
-            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            nats += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
-            tokens += int((targets != -100).sum())
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            for row, (ids, _) in enumerate(chunk):  # row by row: no second [B, T, V] copy (262k vocabularies)
+                nats += F.cross_entropy(logits[row, :len(ids)].float(), input_ids[row, 1:1 + len(ids)],
+                                        reduction="sum").item()
+                tokens += len(ids)
     finally:
         model.train(was_training)
     return BitsPerByte(bits=nats / math.log(2), bytes=sum(size for _, size in windows), tokens=tokens)
