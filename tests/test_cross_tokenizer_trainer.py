@@ -54,7 +54,8 @@ def tiny_gemma3(vocab_size, seed=1):
 
 @needs_gemma
 @needs_smollm2
-@pytest.mark.parametrize("method", ["hybrid", "uld", "span"])
+@pytest.mark.parametrize("method", ["hybrid", pytest.param("uld", marks=pytest.mark.slow),
+                                    pytest.param("span", marks=pytest.mark.slow)])
 def test_real_tokenizers_train_with_every_cross_tokenizer_loss(tmp_path, method):
     student_tokenizer, teacher_tokenizer = packaged_tokenizer("smollm2-135m-instruct"), packaged_tokenizer("gemma3-270m")
     records = [{"prompt": "Copy this sentence:", "completion": text} for text in REAL_TEXTS]

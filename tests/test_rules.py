@@ -42,6 +42,7 @@ TABLE = [
     (dict(fused_loss="auto", precompute_teacher_logits=True), RunShape(mode="ensemble"), "dense"),
     (dict(fused_loss="auto"), RunShape(mode="online"), "dense"),
     (dict(fused_loss="true"), RunShape(mode="online"), "online distillation trains the teacher"),
+    (dict(fused_loss="auto", cross_tokenizer_loss="hybrid"), RunShape(), "dense"),
     # Shapes the trainer cannot build on this machine (rules only):
     (dict(fused_loss="auto"), RunShape(sharded=True, processes=2), "dense"),
     (dict(fused_loss="true"), RunShape(sharded=True, processes=2), "FSDP / DeepSpeed shard"),
@@ -153,6 +154,7 @@ def test_a_live_teacher_serves_everything_the_config_allows(tmp_path):
      "use a constant temperature", False),
     (dict(precompute_teacher_logits=True), "ema", "cannot serve an EMA teacher", False),
     (dict(hidden_weight=1.0), "online", "not supported in online mode", True),
+    (dict(cross_tokenizer_loss="uld"), "ema", "cross_tokenizer_loss (a teacher with another tokenizer)", True),
 ])
 def test_mode_problems(tmp_path, settings, mode, message, unsupported):
     problems = rules.mode_problems(config(tmp_path, **settings), mode)

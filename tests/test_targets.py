@@ -213,3 +213,27 @@ def test_a_subclass_that_overrides_compute_loss_keeps_the_fused_loss(tmp_path, c
         losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert trainer.calls >= 2 and "fell back" not in caplog.text
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_a_cross_tokenizer_target_with_the_same_tokenizer_is_the_dense_reference(models, char_tokenizer):
+    """CrossTokenizer (hybrid) with an equal tokenizer passed as the teacher's: every span is one token and every
+    token is shared, so it must give the dense reference's loss and gradients."""
+    from kd_llm.cross_tokenizer.data import CrossTokenizerCollator, build_cross_tokenizer_dataset
+    from kd_llm.cross_tokenizer.teacher import cross_tokenizer_settings
+    from kd_llm.data.sources import load_records
+    from kd_llm.models.char_tokenizer import build_char_tokenizer
+    from kd_llm.training.targets import CrossTokenizer
+
+    student, teacher = models
+    other = build_char_tokenizer()
+    dataset = build_cross_tokenizer_dataset(load_records("date_arithmetic", size=8, seed=1), char_tokenizer, other)
+    collate = CrossTokenizerCollator(char_tokenizer.pad_token_id, other.pad_token_id)
+    batch = KDBatch.pop_from(collate([dataset[i] for i in (3, 0, 7, 5)]))
+    assert set(batch.side_inputs) and not any(key.startswith("kd_") for key in batch.inputs)
+    expected, expected_grads = reference(student, teacher, batch)
+    target = CrossTokenizer(teacher, cross_tokenizer_settings("hybrid", char_tokenizer, other, student, teacher))
+    got, grads = run_target(target.for_batch(batch, training=True), student, batch)
+    for key in ("total", "ce", "kd"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad.float(), **EXACT)
