@@ -434,7 +434,7 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         # report loads it again from disk).
         check_cache_teacher(config.teacher_cache, teacher)
         del new_student  # its closure holds the teacher
-        teachers.teacher = teacher = None
+        teachers.teacher = teacher = student_base = None  # student_base: the teacher, unless student_model is set
         gc.collect()
     with (side_process_teacher(args, config) if shape.teacher == "side_process"
           else contextlib.nullcontext()) as teacher_process:

@@ -88,7 +88,8 @@ def text_windows(tokenizer, text: str, max_tokens: int) -> list[tuple[list[int],
     """``(token ids, UTF-8 bytes they cover)`` per window; the bytes of all windows add up to the text's."""
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}.")
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: a long text is cut into windows below, so the "longer than model_max_length" warning is moot.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, ends = list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
     if tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
         raise ValueError("the tokenizer does not reproduce this text (unknown characters or a normaliser), so its "
