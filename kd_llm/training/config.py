@@ -235,6 +235,7 @@ class DistillationConfig(TrainingArguments):
         default="error",
         metadata={"help": "An example longer than packing_max_length: error (stop, naming it) or truncate (cut to "
                           "packing_max_length tokens). Never split across rows."},
+    )
     cross_tokenizer_loss: str | None = field(
         default=None,
         metadata={"help": "A teacher with another tokenizer than the student's (teacher_tokenizer): the loss over "
