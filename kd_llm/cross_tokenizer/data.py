@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import torch
 
 from kd_llm.cross_tokenizer.alignment import align_sides
@@ -41,8 +40,10 @@ def cross_tokenizer_row(record: dict[str, Any], student_tokenizer, teacher_token
 
 def build_cross_tokenizer_dataset(records: list[dict[str, Any]], student_tokenizer, teacher_tokenizer, *,
                                   max_length: int | None = None, use_chat_template: bool = True,
-                                  source_name: str = "dataset") -> datasets.Dataset:
-    """A ``Dataset`` of :func:`cross_tokenizer_row` rows plus ``length``; each record's error names its index."""
+                                  source_name: str = "dataset"):
+    """A ``datasets.Dataset`` of :func:`cross_tokenizer_row` rows plus ``length``; each record's error names its
+    index."""
+    import datasets  # here, not at the top: the trainer imports this module, and may run where datasets is absent
     if not records:
         raise CrossTokenizerDataError(f"{source_name} is empty: there is nothing to train on.")
     rows = []
@@ -57,7 +58,7 @@ def build_cross_tokenizer_dataset(records: list[dict[str, Any]], student_tokeniz
     return datasets.Dataset.from_dict(columns)
 
 
-def alignment_coverage(dataset: datasets.Dataset) -> dict:
+def alignment_coverage(dataset) -> dict:
     """How much of the supervised text the alignment compares: aligned spans per student and per teacher token."""
     spans = student_tokens = teacher_tokens = 0
     for student, teacher in zip(dataset[STUDENT_SPANS], dataset[TEACHER_SPANS]):
