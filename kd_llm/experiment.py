@@ -29,6 +29,7 @@ from kd_llm.evaluation.generation import generate_greedy
 from kd_llm.evaluation.skills import evaluate_skill
 from kd_llm.features.distiller import FeatureDistiller
 from kd_llm.hub import HubTarget, without_hub_push
+from kd_llm.models.lm_head import TeacherHead, head_of_model
 from kd_llm.models.loading import load_model, load_tokenizer
 from kd_llm.models.students import build_student, decoder_layers, rank_layers_by_importance
 from kd_llm.models.vocab import reconcile_vocabularies
@@ -300,8 +301,10 @@ def side_process_teacher(args: DistillationScriptArguments, config: Distillation
     device = args.teacher_process_device
     if device is None:
         device = "cpu" if config.use_cpu or not torch.cuda.is_available() else "cuda"
+    # A hidden-state cache needs the head, which the process sends when it ships hidden states; these then take
+    # the fused loss too (d numbers per position over the Pipe instead of V logits).
     return TeacherProcess(args.teacher, adapter=args.teacher_adapter, trust_remote_code=args.trust_remote_code,
-                          device=device)
+                          device=device, hidden_states=config.teacher_cache_format == "hidden_states")
 
 
 def load_student_model(args: DistillationScriptArguments, config: DistillationConfig, teachers):
@@ -433,8 +436,11 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
         # student's samples). Check now that this teacher made the cache, then free it for the training run (the
         # report loads it again from disk).
         check_cache_teacher(config.teacher_cache, teacher)
+        # A hidden-state cache also needs the teacher's lm_head (V x d, the input embedding when tied): kept alone.
+        head = head_of_model(teacher) if config.teacher_cache_format == "hidden_states" else None
         del new_student  # its closure holds the teacher
-        teachers.teacher = teacher = student_base = None  # student_base: the teacher, unless student_model is set
+        teachers.teacher = teacher = head  # a hidden-state cache keeps the teacher's lm_head alone
+        student_base = None  # the teacher, unless student_model is set
         gc.collect()
     with (side_process_teacher(args, config) if shape.teacher == "side_process"
           else contextlib.nullcontext()) as teacher_process:
@@ -448,8 +454,8 @@ def run_distillation(args: DistillationScriptArguments, config: DistillationConf
                                            teacher_tokenizer=teacher_tokenizer)
         trainer, seconds = _train(kd_student, teachers.teacher, tokenizer, config, kd_dataset,
                                   make_trainer=make_trainer)
-    if teacher_process is not None:
-        teachers.teacher = None
+    if teacher_process is not None or isinstance(teacher, TeacherHead):
+        teachers.teacher = teacher = None
     if teacher is None and args.write_report:
         teacher = load_teachers(args).teacher
     seconds += transfer_seconds

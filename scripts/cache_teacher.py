@@ -1,7 +1,7 @@
 """Run a distillation config's teacher once over its training set and store, for every supervised token, its top-k
-distribution (``--cache_format top_k``, the default: smallest) or its final hidden state (``--cache_format
-hidden_states``: exact with the teacher's lm_head) in ``teacher_cache`` (an offline teacher: distill_llm.py then
-trains with no teacher in memory).
+distribution (``teacher_cache_format: top_k``, the default: smallest) or its final hidden state
+(``teacher_cache_format: hidden_states``: exact with the teacher's lm_head) in ``teacher_cache`` (an offline
+teacher: distill_llm.py then trains with no teacher in memory).
 
     python scripts/cache_teacher.py --config configs/date_cached_teacher.yaml            # build, or resume
     python scripts/cache_teacher.py --config configs/date_cached_teacher.yaml --cache_k 32 --teacher_cache out/c32

@@ -235,7 +235,7 @@ def test_cache_script_writes_a_hidden_state_cache_and_refuses_an_ensemble(tmp_pa
     common = ["--config", str(scripts.parent / "configs" / "date_cached_teacher.yaml"), "--teacher",
               str(tiny_teacher_dir), "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "o"),
               "--train_size", "12", "--transfer_size", "0", "--disable_tqdm", "true", "--use_cpu", "true",
-              "--cache_format", "hidden_states", "--cache_hidden_dtype", "bfloat16"]
+              "--teacher_cache_format", "hidden_states", "--cache_hidden_dtype", "bfloat16"]
     metadata = cache_teacher.main([*common, "--cache_shard_size", "5"])
     assert metadata.complete and metadata.payload == "hidden_states" and metadata.hidden_dtype == "bfloat16"
     assert len(metadata.shards) == 3 and metadata.hidden_size == 48 and metadata.k == 0
@@ -243,5 +243,7 @@ def test_cache_script_writes_a_hidden_state_cache_and_refuses_an_ensemble(tmp_pa
     with pytest.raises(ValueError, match="an ensemble's target is a mixture"):
         cache_teacher.main([*common, "--teacher_cache", str(tmp_path / "c2"), "--extra_teachers",
                             str(tiny_teacher_dir)])
-    with pytest.raises(ValueError, match="cache_format must be one of"):
-        cache_teacher.main([*common, "--cache_format", "logits"])
+    with pytest.raises(ValueError, match="teacher_cache_format must be one of"):
+        cache_teacher.main([*common, "--teacher_cache_format", "logits"])
+    with pytest.raises(ValueError, match="int8 loses up to 0.6%"):
+        cache_teacher.main([*common, "--cache_hidden_dtype", "int8"])

@@ -4,6 +4,7 @@ the loss path the trainer takes, for every combination of the table that builds 
 import pytest
 
 from kd_llm import DistillationConfig, DistillationTrainer
+from kd_llm.models.lm_head import head_of_model
 from kd_llm.training import rules
 from kd_llm.training.ensemble import EnsembleDistillationTrainer
 from kd_llm.training.memory_estimate import estimate_for_run
@@ -12,7 +13,7 @@ from kd_llm.training.rules import RunShape
 from kd_llm.training.self_distillation import EMADistillationTrainer
 from kd_llm.training.teachers import TeacherEnsemble
 from tests.conftest import CHAR_VOCAB, tiny_llama
-from tests.helpers.cache import build
+from tests.helpers.cache import build, build_hidden
 
 BASE = dict(use_cpu=True, report_to="none", max_steps=1, per_device_train_batch_size=4, save_strategy="no",
             disable_tqdm=True, alpha=0.5, temperature=2.0)
@@ -50,6 +51,15 @@ TABLE = [
     (dict(fused_loss="auto", lmbda=0.5, teacher_cache="CACHE"), RunShape(teacher="side_process"), "fused"),
     (dict(fused_loss="auto", teacher_url="http://127.0.0.1:1"), RunShape(teacher="none"), "dense"),
     (dict(fused_loss="true", teacher_url="http://127.0.0.1:1"), RunShape(teacher="none"), "served teacher's top-k"),
+    (dict(fused_loss="auto", lmbda=0.5), RunShape(teacher="side_process", teacher_ships_hidden=True), "fused"),
+    (dict(fused_loss="true", lmbda=0.5), RunShape(teacher="side_process"), "start it with hidden_states=True"),
+    # The hidden-state cache: any divergence, a moving temperature; fused unless a blocker rules it out.
+    (dict(fused_loss="auto", teacher_cache="HIDDEN", teacher_cache_format="hidden_states", distillation_loss="mse",
+          final_temperature=1.0, temperature_schedule="linear"), RunShape(teacher="none"), "fused"),
+    (dict(fused_loss="false", teacher_cache="HIDDEN", teacher_cache_format="hidden_states"), RunShape(teacher="none"),
+     "dense"),
+    (dict(fused_loss="auto", teacher_cache="HIDDEN", teacher_cache_format="hidden_states"),
+     RunShape(sharded=True, processes=2), "dense"),
 ]
 BUILDABLE = [row for row in TABLE
              if not row[1].sharded and row[1].teacher != "side_process" and "teacher_url" not in row[0]]
@@ -63,7 +73,7 @@ def row_id(row) -> str:
 @pytest.mark.parametrize("row", TABLE, ids=row_id)
 def test_loss_path_of_each_combination(tmp_path, row):
     settings, shape, expected = row
-    settings = {k: (str(tmp_path) if v == "CACHE" else v) for k, v in settings.items()}
+    settings = {k: (str(tmp_path) if v in ("CACHE", "HIDDEN") else v) for k, v in settings.items()}
     args = config(tmp_path, **settings)
     if expected in ("dense", "fused"):
         assert rules.loss_path(args, shape).path == expected
@@ -94,10 +104,19 @@ def cache_dir(tmp_path_factory, char_tokenizer, date_dataset):
     return path
 
 
+@pytest.fixture(scope="module")
+def hidden_dir(tmp_path_factory, char_tokenizer, date_dataset):
+    path = tmp_path_factory.mktemp("rules") / "hidden"
+    build_hidden(path, tiny_llama(CHAR_VOCAB, hidden=48, seed=1).eval(), date_dataset, char_tokenizer)
+    return path
+
+
 def make_trainer(args, shape: RunShape, tokenizer, dataset):
     student = tiny_llama(CHAR_VOCAB, seed=2)
     common = dict(args=args, train_dataset=dataset, processing_class=tokenizer)
     teacher = None if shape.teacher == "none" else tiny_llama(CHAR_VOCAB, hidden=48, seed=1)
+    if teacher is None and args.teacher_cache_format == "hidden_states":  # the teacher's lm_head alone
+        teacher = head_of_model(tiny_llama(CHAR_VOCAB, hidden=48, seed=1))
     if shape.mode == "ema":
         return EMADistillationTrainer(model=student, ema_decay=0.5, **common)
     if shape.mode == "online":
@@ -109,10 +128,11 @@ def make_trainer(args, shape: RunShape, tokenizer, dataset):
 
 
 @pytest.mark.parametrize("row", BUILDABLE, ids=row_id)
-def test_the_memory_estimate_names_the_path_the_trainer_takes(tmp_path, row, cache_dir, char_tokenizer,
+def test_the_memory_estimate_names_the_path_the_trainer_takes(tmp_path, row, cache_dir, hidden_dir, char_tokenizer,
                                                               date_dataset):
     settings, shape, expected = row
-    settings = {k: (str(cache_dir) if v == "CACHE" else v) for k, v in settings.items()}
+    stores = {"CACHE": str(cache_dir), "HIDDEN": str(hidden_dir)}
+    settings = {k: stores.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
     args = config(tmp_path, **settings)
     student, teacher = tiny_llama(CHAR_VOCAB, seed=2), tiny_llama(CHAR_VOCAB, hidden=48, seed=1)
     if expected not in ("dense", "fused"):  # both refuse fused_loss=true, with the same reason

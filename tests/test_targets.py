@@ -237,3 +237,43 @@ def test_a_cross_tokenizer_target_with_the_same_tokenizer_is_the_dense_reference
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     for key, grad in expected_grads.items():
         torch.testing.assert_close(grads[key], grad.float(), **EXACT)
+
+
+@pytest.fixture(scope="module")
+def hidden(tmp_path_factory, models, date_dataset, char_tokenizer, indexed):
+    from kd_llm.models.lm_head import head_of_model
+    from kd_llm.teacher_cache.hidden_cache import HiddenStateCache
+    from tests.helpers.cache import build_hidden
+
+    path = tmp_path_factory.mktemp("targets") / "hidden"
+    build_hidden(path, models[1], date_dataset, char_tokenizer, dtype="float32")
+    return HiddenStateCache.open(path, head=head_of_model(models[1]), tokenizer=char_tokenizer, dataset=indexed)
+
+
+HIDDEN_TARGETS = ["hidden cache (dense)", "hidden cache (fused)", "side process hidden states (fused)"]
+
+
+@pytest.mark.parametrize("name", HIDDEN_TARGETS)
+def test_a_hidden_state_target_gives_the_dense_reference_loss_and_gradients(name, models, hidden, indexed,
+                                                                            collator):
+    """Exact like the live teacher: float32 states and the teacher's lm_head give its logits."""
+    from kd_llm.training.targets import HiddenCache, HiddenCacheFused, SideProcessHidden
+
+    student, teacher = models
+    batch = batch_of(indexed, collator)
+    expected, expected_grads = reference(student, teacher, batch)
+    if name == "hidden cache (dense)":
+        target = HiddenCache(hidden)
+    elif name == "hidden cache (fused)":
+        target = HiddenCacheFused(hidden, student)
+    else:  # the in-process teacher stands in for the proxy, called and read the same way
+        target = SideProcessHidden(student, teacher)
+    got, grads = run_target(target.for_batch(batch, training=True), student, batch)
+    for key in ("total", "ce", "kd"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key], grad.float(), **EXACT)
+    if name.startswith("hidden cache"):
+        evaluation = KDBatch(batch.inputs, batch.shifted_labels)
+        with pytest.raises(TargetCannotServe, match="hidden-state teacher cache .* cannot serve evaluation"):
+            target.for_batch(evaluation, training=False)

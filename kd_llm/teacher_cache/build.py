@@ -3,7 +3,8 @@
 
 ``scripts/cache_teacher.py`` parses the run's YAML and calls :func:`build_teacher_cache`. The values are taken at
 ``cache_temperature`` (default: the run's ``temperature``), so with ``teacher_cache_tail_mode: tail_bucket`` the
-training temperature matches by construction.
+training temperature matches by construction. With ``teacher_cache_format: hidden_states`` the teacher's final
+hidden states are stored instead (``cache_hidden_dtype``), which hold at every temperature.
 """
 
 from __future__ import annotations
@@ -31,18 +32,8 @@ from kd_llm.training.teachers import TeacherEnsemble
 logger = logging.getLogger(__name__)
 
 
-CACHE_FORMATS = ("top_k", "hidden_states")
-
-
 @dataclass
 class TeacherCacheArguments:
-    cache_format: str = field(
-        default="top_k",
-        metadata={"help": "Teacher cache: what is stored per supervised position. top_k: the k most likely tokens "
-                          "and a tail mass (smallest: ~10-80 bytes/token; loses the tail). hidden_states: the "
-                          "teacher's final post-norm hidden state (2*d bytes/token in float16), from which its "
-                          "lm_head gives the exact distribution at any temperature and divergence."},
-    )
     cache_hidden_dtype: str = field(
         default=DEFAULT_HIDDEN_DTYPE,
         metadata={"help": "Teacher cache (hidden_states): storage of each value, one of "
@@ -66,8 +57,6 @@ class TeacherCacheArguments:
 
     def __post_init__(self):
         problems = []
-        if self.cache_format not in CACHE_FORMATS:
-            problems.append(f"cache_format must be one of {', '.join(CACHE_FORMATS)}, got {self.cache_format!r}")
         if self.cache_hidden_dtype not in OFFERED_HIDDEN_DTYPES:
             problems.append(f"cache_hidden_dtype must be one of {', '.join(OFFERED_HIDDEN_DTYPES)}, got "
                             f"{self.cache_hidden_dtype!r}" + (" (int8 loses up to 0.6% of the loss on SmolLM2-135M, "
@@ -154,10 +143,11 @@ def build_teacher_cache(script_args, config, cache_args: TeacherCacheArguments) 
         raise ValueError("Set teacher_cache: <folder> in the config (or --teacher_cache): where to write the cache, "
                          "and where distill_llm.py will read it.")
     temperature = cache_args.cache_temperature or config.temperature
-    hidden = cache_args.cache_format == "hidden_states"
+    hidden = config.teacher_cache_format == "hidden_states"  # the run's format, which its trainer reads back
     if hidden and getattr(script_args, "extra_teachers", None):
-        raise ValueError("cache_format=hidden_states stores one teacher's hidden state, and an ensemble's target is a "
-                         "mixture of several teachers' distributions: use cache_format=top_k for an ensemble.")
+        raise ValueError("teacher_cache_format=hidden_states stores one teacher's hidden state, and an ensemble's "
+                         "target is a mixture of several teachers' distributions: use teacher_cache_format=top_k for "
+                         "an ensemble.")
     teacher, tokenizer = load_run_teacher(script_args)
     vocab_size = tokenizer_vocab_size(tokenizer)
     teacher_hash = teacher_fingerprint(teacher)  # before placing: it loads and releases ensemble members

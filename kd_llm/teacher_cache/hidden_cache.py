@@ -118,6 +118,7 @@ class HiddenStateCache:
         self.path, self.metadata = path, metadata
         self.hidden, self.scale = hidden, scale  # [rows, d] in the storage dtype; [rows] float32 for int8
         self.offsets = offsets
+        self.head: TeacherHead | None = None  # the teacher's head, set by open(head=...)
 
     @property
     def vocab_size(self) -> int:
@@ -148,7 +149,9 @@ class HiddenStateCache:
                 scale.append(table.column("scale").to_numpy())
             examples.append(table.column("example").to_numpy())
         offsets = example_offsets(path, metadata, examples)
-        return cls(path, metadata, np.concatenate(hidden), np.concatenate(scale) if scale else None, offsets)
+        cache = cls(path, metadata, np.concatenate(hidden), np.concatenate(scale) if scale else None, offsets)
+        cache.head = head
+        return cache
 
     def states_for(self, examples: list[int], *, device=None) -> torch.Tensor:
         """``[rows, d]`` float32: the examples' states, concatenated in that order (each example's positions in

@@ -206,8 +206,11 @@ def cache_summary(config) -> dict | None:
     if not getattr(config, "teacher_cache", None):
         return None
     metadata = read_metadata(config.teacher_cache)
-    return {"path": str(config.teacher_cache), "tail_mode": config.teacher_cache_tail_mode,
-            "teacher": metadata.teacher, "teacher_hash": metadata.teacher_hash, "k": metadata.k,
-            "temperature": metadata.temperature, "value_codec": metadata.value_codec,
-            "supervised_tokens": metadata.supervised_tokens,
-            "bytes_per_supervised_token": round(metadata.total_bytes / max(metadata.supervised_tokens, 1), 2)}
+    summary = {"path": str(config.teacher_cache), "format": metadata.payload, "teacher": metadata.teacher,
+               "teacher_hash": metadata.teacher_hash, "supervised_tokens": metadata.supervised_tokens,
+               "bytes_per_supervised_token": round(metadata.total_bytes / max(metadata.supervised_tokens, 1), 2)}
+    if metadata.payload == PAYLOAD_HIDDEN:
+        return summary | {"hidden_dtype": metadata.hidden_dtype, "hidden_size": metadata.hidden_size,
+                          "head_hash": metadata.head_hash, "head_softcap": metadata.head_softcap}
+    return summary | {"tail_mode": config.teacher_cache_tail_mode, "k": metadata.k,
+                      "temperature": metadata.temperature, "value_codec": metadata.value_codec}

@@ -66,6 +66,13 @@ class DistillationConfig(TrainingArguments):
                           "log-probabilities and tail mass per supervised token). Training batches then need no "
                           "teacher in memory; the cache is checked against the tokenizer and training data first."},
     )
+    teacher_cache_format: str = field(
+        default="top_k",
+        metadata={"help": "What the teacher_cache holds (scripts/cache_teacher.py writes this format): top_k (the k "
+                          "most likely tokens and a tail mass per supervised token: smallest, lossy in the tail) or "
+                          "hidden_states (the teacher's final hidden state: exact with its lm_head, at any "
+                          "temperature and divergence; 2 * hidden_size bytes per token in float16)."},
+    )
     teacher_cache_tail_mode: str = field(
         default="tail_bucket",
         metadata={"help": "How the distillation term treats the teacher mass outside the cached top-k: tail_bucket "

@@ -21,12 +21,13 @@ from kd_llm.cross_tokenizer.losses import CROSS_TOKENIZER_LOSSES
 from kd_llm.losses.sparse import SPARSE_DIVERGENCES, TAIL_MODES, same_temperature
 
 FUSED_LOSS_CHOICES = ("auto", "true", "false")
+CACHE_FORMATS = ("top_k", "hidden_states")
 MODES = ("offline", "ensemble", "ema", "online")
 TEACHER_KINDS = ("live", "side_process", "none")
 DENSE, FUSED = "dense", "fused"
 
 SIDE_PROCESS_REASON = ("the teacher runs in a side process (TeacherProcess), which returns logits, not the hidden "
-                       "states and lm_head weights the fused loss reads")
+                       "states and lm_head weights the fused loss reads (start it with hidden_states=True)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class RunShape:
     teacher: str = "live"
     processes: int = 1
     sharded: bool = False
+    teacher_ships_hidden: bool = False  # a side-process teacher returns final hidden states (and sent its lm_head)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -84,11 +86,15 @@ def teacher_cache_problems(config) -> list[str]:
     """Problems of the ``teacher_cache*`` fields (empty if none)."""
     problems = []
     tail_mode = config.teacher_cache_tail_mode
+    cache_format = getattr(config, "teacher_cache_format", "top_k")
+    if cache_format not in CACHE_FORMATS:
+        return [f"teacher_cache_format must be one of {', '.join(CACHE_FORMATS)}, got {cache_format!r}"]
     if tail_mode not in TAIL_MODES:
         return [f"teacher_cache_tail_mode must be one of {', '.join(TAIL_MODES)}, got {tail_mode!r}"]
     if not config.teacher_cache:
         return problems
-    if config.distillation_loss not in SPARSE_DIVERGENCES[tail_mode]:
+    hidden = cache_format == "hidden_states"  # exact: every divergence, any temperature schedule
+    if not hidden and config.distillation_loss not in SPARSE_DIVERGENCES[tail_mode]:
         problems.append(
             f"distillation_loss={config.distillation_loss!r} cannot be computed from a teacher cache with "
             f"teacher_cache_tail_mode={tail_mode!r} (the tail's individual probabilities are not stored); use one of "
@@ -100,7 +106,8 @@ def teacher_cache_problems(config) -> list[str]:
     if config.seq_kd or config.lmbda >= 1.0:
         problems.append("teacher_cache holds the teacher on the dataset's completions, which seq_kd / lmbda=1 "
                         "replace in every batch, so it would never be read: remove teacher_cache")
-    if tail_mode == "tail_bucket" and not same_temperature(config.temperature, config.final_temperature):
+    if (not hidden and tail_mode == "tail_bucket"
+            and not same_temperature(config.temperature, config.final_temperature)):
         problems.append(
             f"the temperature moves from {config.temperature} to {config.final_temperature}, but with "
             "teacher_cache_tail_mode=tail_bucket the cached values hold at the one temperature they were taken at: "
@@ -287,7 +294,7 @@ def fused_blockers(config, shape: RunShape) -> list[Blocker]:
                                           "full logits"))
     if _served(config):
         blockers.append(Blocker("served teacher", "a served teacher's top-k takes the dense sparse loss"))
-    if shape.teacher == "side_process" and not config.teacher_cache:
+    if shape.teacher == "side_process" and not config.teacher_cache and not shape.teacher_ships_hidden:
         blockers.append(Blocker("side-process teacher", SIDE_PROCESS_REASON))
     if getattr(config, "cross_tokenizer_loss", None):
         blockers.append(Blocker("cross-tokenizer", "cross-tokenizer distillation compares aligned spans of two "

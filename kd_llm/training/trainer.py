@@ -15,6 +15,7 @@ from kd_llm.data.packing import PackingCollator, packing_attention_problem
 from kd_llm.data.sampling import StepShuffledLengthSampler
 from kd_llm.hub import HubPushMixin
 from kd_llm.losses import l2_penalty
+from kd_llm.models.lm_head import TeacherHead
 from kd_llm.models.loading import freeze_teacher
 from kd_llm.models.vocab import reconcile_vocabularies
 from kd_llm.serving.training import open_served_teacher, save_and_stop
@@ -33,6 +34,7 @@ from kd_llm.training.targets import (
     TargetSources,
     TeacherTarget,
     choose_target,
+    open_hidden_training_cache,
     open_training_cache,
 )
 from kd_llm.training.teacher_placement import prepare_teacher
@@ -75,7 +77,9 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                  teacher_tokenizer=None, **kwargs):
         if not isinstance(args, DistillationConfig):
             raise TypeError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments.")
-        teacher_kind = ("none" if teacher_model is None
+        # A TeacherHead (kd_llm.models.lm_head) is the teacher's lm_head alone, for a hidden-state cache: it runs
+        # nothing, so the run has no teacher to score or write batches.
+        teacher_kind = ("none" if teacher_model is None or isinstance(teacher_model, TeacherHead)
                         else "side_process" if isinstance(teacher_model, TeacherProcess) else "live")
         if teacher_kind == "none":  # before any work (a side-process teacher is checked once Trainer is built)
             problems = rules.teacher_problems(args, rules.RunShape(mode=self.distillation_mode, teacher="none"))
@@ -113,7 +117,7 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         if args.packing:
             self._check_packing(model, teacher_model, kwargs)
         self.kd_vocab_size = None
-        if teacher_model is not None and self.cross_tokenizer is None:
+        if teacher_kind != "none" and self.cross_tokenizer is None:
             # Before any work: a vocabulary mismatch must not surface after an hour of training.
             self.kd_vocab_size = reconcile_vocabularies(
                 teacher_tokenizer if teacher_tokenizer is not None else tokenizer, tokenizer, teacher_model, model
@@ -131,7 +135,9 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         self.teacher_in_side_process = teacher_kind == "side_process"
         self.run_shape = rules.RunShape(mode=self.distillation_mode, teacher=teacher_kind,
                                         processes=self.accelerator.num_processes,
-                                        sharded=bool(self.is_fsdp_enabled or self.is_deepspeed_enabled))
+                                        sharded=bool(self.is_fsdp_enabled or self.is_deepspeed_enabled),
+                                        teacher_ships_hidden=bool(getattr(teacher_model, "ships_hidden_states",
+                                                                          False)))
         if self.teacher_in_side_process:
             problems = rules.teacher_problems(args, self.run_shape)
             if not teacher_model.is_alive():
@@ -140,15 +146,18 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                 raise ValueError("teacher_model is a TeacherProcess (the teacher in a side process), which cannot "
                                  "serve this run: " + "; ".join(problems) + ".")
             self.teacher = teacher_model
-        elif teacher_model is not None:
+        elif teacher_kind == "live":
             self.teacher = self._setup_teacher(teacher_model)
         # hidden_weight / attention_weight: layer maps and attention layouts are checked here (kd_llm.features).
         self._setup_feature_distillation(teacher_model)
-        # teacher_cache: stored top-k targets serve the training batches, no teacher needed (kd_llm.teacher_cache).
-        self.teacher_cache = open_training_cache(
+        # teacher_cache: stored top-k targets or hidden states serve the training batches, no teacher forward
+        # (kd_llm.teacher_cache); a hidden-state cache also needs the teacher's lm_head.
+        hidden = args.teacher_cache_format == "hidden_states"
+        self.teacher_cache = (open_hidden_training_cache if hidden else open_training_cache)(
             args, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
             student=self.accelerator.unwrap_model(self.model), teacher_model=teacher_model,
-            teacher_tokenizer=teacher_tokenizer, student_tokenizer=tokenizer)
+            teacher_tokenizer=teacher_tokenizer, student_tokenizer=tokenizer,
+            **({"device": self.accelerator.device} if hidden else {}))
         # teacher_url / teacher_routes: a served teacher's top-k serves every batch (kd_llm.serving.training).
         self.served_teacher = open_served_teacher(self, teacher_model=teacher_model, tokenizer=tokenizer,
                                                   custom_teacher_setup=self.distillation_mode != "offline")

@@ -14,7 +14,10 @@ The targets (one module each):
   lm_head, fused); with no teacher they compute the hard-label term alone (alpha = 1);
 - ``precomputed``: :class:`PrecomputedLogits`, teacher logits computed before training and kept in memory;
 - ``topk_cache``: :class:`TopKCache` / :class:`TopKCacheFused`, the on-disk top-k cache of scripts/cache_teacher.py;
+- ``hidden_cache``: :class:`HiddenCache` / :class:`HiddenCacheFused`, the on-disk hidden-state cache with the
+  teacher's lm_head (exact at any temperature and divergence);
 - ``side_process``: :class:`SideProcess`, a :class:`~kd_llm.training.teacher_process.TeacherProcess`'s logits;
+- ``side_process_hidden``: :class:`SideProcessHidden`, a TeacherProcess shipping final hidden states, fused;
 - ``ensemble``: :class:`EnsembleMixture`, the mixture of several frozen teachers, live;
 - ``served``: :class:`ServedTeacher`, a served teacher's top-k over HTTP (kd_llm.serving), on the sparse loss;
 - ``cross_tokenizer``: :class:`CrossTokenizer`, a live teacher with another tokenizer, compared over aligned spans;
@@ -50,14 +53,16 @@ from kd_llm.training.targets.base import (
 from kd_llm.training.targets.choose import TargetSources, choose_target
 from kd_llm.training.targets.cross_tokenizer import CrossTokenizer
 from kd_llm.training.targets.ensemble import EnsembleMixture
+from kd_llm.training.targets.hidden_cache import HiddenCache, HiddenCacheFused, open_hidden_training_cache
 from kd_llm.training.targets.live import LiveHead, LiveLogits
 from kd_llm.training.targets.precomputed import PrecomputedLogits, PrecomputedTeacherLogits
 from kd_llm.training.targets.routed import Routed
 from kd_llm.training.targets.served import ServedTeacher
 from kd_llm.training.targets.side_process import SideProcess
+from kd_llm.training.targets.side_process_hidden import SideProcessHidden
 from kd_llm.training.targets.topk_cache import TopKCache, TopKCacheFused, open_training_cache
 
-__all__ = ["EXAMPLE_INDEX_COLUMN", "CrossTokenizer", "EnsembleMixture", "KDBatch", "LiveHead", "LiveLogits",
-           "LossRequest", "PrecomputedLogits", "PrecomputedTeacherLogits", "Routed", "ServedTeacher", "SideProcess",
-           "TargetCannotServe",
-           "TargetSources", "TeacherTarget", "TopKCache", "TopKCacheFused", "choose_target", "open_training_cache"]
+__all__ = ["EXAMPLE_INDEX_COLUMN", "CrossTokenizer", "EnsembleMixture", "HiddenCache", "HiddenCacheFused", "KDBatch",
+           "LiveHead", "LiveLogits", "LossRequest", "PrecomputedLogits", "PrecomputedTeacherLogits", "Routed",
+           "ServedTeacher", "SideProcess", "SideProcessHidden", "TargetCannotServe", "TargetSources", "TeacherTarget",
+           "TopKCache", "TopKCacheFused", "choose_target", "open_hidden_training_cache", "open_training_cache"]

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from kd_llm.teacher_cache.hidden_cache import HiddenStateCache
 from kd_llm.training import rules
 from kd_llm.training.targets.base import TeacherTarget
 from kd_llm.training.targets.cross_tokenizer import CrossTokenizer
 from kd_llm.training.targets.ensemble import EnsembleMixture
+from kd_llm.training.targets.hidden_cache import HiddenCache, HiddenCacheFused
 from kd_llm.training.targets.heads import head_problem
 from kd_llm.training.targets.live import LiveHead, LiveLogits
 from kd_llm.training.targets.precomputed import PrecomputedLogits, PrecomputedTeacherLogits
 from kd_llm.training.targets.routed import Routed
 from kd_llm.training.targets.served import ServedTeacher
 from kd_llm.training.targets.side_process import SideProcess
+from kd_llm.training.targets.side_process_hidden import SideProcessHidden
 from kd_llm.training.targets.topk_cache import TopKCache, TopKCacheFused
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,8 @@ class TargetSources:
 
     ``teacher``: what runs the teacher's forward (a placed model, a TeacherProcess, an ensemble, or None);
     ``teacher_module``: the unwrapped teacher model whose lm_head the fused loss reads (None if not a model);
-    ``student``: the unwrapped student; ``cache``: an opened top-k teacher cache; ``precomputed``: teacher logits
-    kept in memory; ``load_ensemble``: for an ensemble teacher, loads every member not in memory yet; ``served``: a
+    ``student``: the unwrapped student; ``cache``: an opened top-k or hidden-state teacher cache; ``precomputed``:
+    teacher logits kept in memory; ``load_ensemble``: for an ensemble teacher, loads every member not in memory yet; ``served``: a
     served teacher's signal (kd_llm.serving.training.ServedTopK), ``on_served_failure`` what to do when it fails for
     good; ``cross_tokenizer``: the checked settings of a teacher with another tokenizer (kd_llm.cross_tokenizer)."""
 
@@ -84,7 +87,7 @@ def choose_fused(sources: TargetSources) -> bool:
         return False
     chunk = sources.args.loss_chunk_size or "auto"
     logger.info("kd_llm loss path: fused, chunked (loss_chunk_size=%s): no [B, T, V] logits are materialised.", chunk)
-    if sources.shape.teacher == "side_process":
+    if sources.shape.teacher == "side_process" and not sources.shape.teacher_ships_hidden:
         logger.warning("kd_llm loss path: fused for the teacher cache's batches only; the batches the cache does not "
                        "hold (on-policy samples, evaluation) take the dense loss: %s.", rules.SIDE_PROCESS_REASON)
     return True
@@ -95,6 +98,8 @@ def live_target(sources: TargetSources, fused: bool) -> TeacherTarget | None:
     if sources.served is not None:  # it scores every batch; a teacher model given too is its parity reference
         return ServedTeacher(sources.served, sources.args.teacher_cache_tail_mode, sources.on_served_failure)
     if sources.shape.teacher == "side_process":
+        if fused and sources.shape.teacher_ships_hidden:  # its hidden states and head reach the fused loss
+            return SideProcessHidden(sources.student, sources.teacher)
         return SideProcess(sources.teacher)
     if sources.load_ensemble is not None:
         return EnsembleMixture(sources.teacher, sources.load_ensemble)
@@ -110,6 +115,8 @@ def live_target(sources: TargetSources, fused: bool) -> TeacherTarget | None:
 def stored_target(sources: TargetSources, fused: bool) -> TeacherTarget | None:
     """The target of teacher outputs stored before training (None without)."""
     args = sources.args
+    if isinstance(sources.cache, HiddenStateCache):
+        return HiddenCacheFused(sources.cache, sources.student) if fused else HiddenCache(sources.cache)
     if sources.cache is not None:
         tail_mode = args.teacher_cache_tail_mode
         return (TopKCacheFused(sources.cache, tail_mode, sources.student) if fused
