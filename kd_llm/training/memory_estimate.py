@@ -259,7 +259,9 @@ def estimate_for_run(student: nn.Module, teacher: nn.Module | None, config, *, s
         estimate.notes.append(f"packing: bounded by {config.per_device_train_batch_size} rows of {sequence_length} "
                               "tokens; packed micro-batches usually hold fewer rows")
     if getattr(config, "teacher_cache", None):
-        estimate.notes.append("teacher_cache: the KD term reads stored top-k targets"
+        stored = ("stored teacher hidden states and the teacher's lm_head (V x d, not counted here)"
+                  if getattr(config, "teacher_cache_format", "top_k") == "hidden_states" else "stored top-k targets")
+        estimate.notes.append(f"teacher_cache: the KD term reads {stored}"
                               + ("" if teacher is not None else "; no teacher in memory"))
     return estimate
 

@@ -59,7 +59,9 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         model: the student.
         teacher_model: the teacher (may be None when ``alpha == 1`` or a ``teacher_cache`` serves every batch), or a
             :class:`~kd_llm.training.teacher_process.TeacherProcess`: the teacher in a side process, which scores
-            the batches a cache does not hold (on-policy samples, evaluation) on the dense loss.
+            the batches a cache does not hold (on-policy samples, evaluation) on the dense loss (on the fused loss when
+            started with ``hidden_states=True``); or, for a hidden-state ``teacher_cache``, the teacher's lm_head alone
+            (a :class:`~kd_llm.models.lm_head.TeacherHead`, e.g. ``load_teacher_head(<teacher folder>)``).
         args: a :class:`DistillationConfig`.
         teacher_tokenizer: the teacher's tokenizer, checked against ``processing_class`` (the student's). Leave None
             when both use the same tokenizer object. With ``args.cross_tokenizer_loss`` it may differ: the training
