@@ -102,6 +102,7 @@ def test_a_plain_dataset_is_refused_at_the_first_batch_with_the_fix(tmp_path):
     ({"lmbda": 0.5}, "lmbda is not supported"),
     ({"seq_kd": True}, "seq_kd is not supported"),
     ({"fused_loss": "true"}, "fused_loss=true is not possible"),
+    ({"teacher_url": "http://127.0.0.1:9"}, "teacher_url / teacher_routes are not supported with cross_tokenizer"),
     ({"cross_tokenizer_loss": "dtw"}, "cross_tokenizer_loss must be one of"),
 ])
 def test_what_cross_tokenizer_cannot_do_is_refused_in_the_config(tmp_path, setting, message):

@@ -141,6 +141,10 @@ def cross_tokenizer_config_problems(config) -> list[str]:
     for name, reason in reasons.items():
         if getattr(config, name, None):
             problems.append(f"{name} is not supported with cross_tokenizer_loss: {reason}")
+    if _served(config):
+        problems.append("teacher_url / teacher_routes are not supported with cross_tokenizer_loss: a served teacher "
+                        "scores the student's token ids, and a teacher with another tokenizer needs its own rendering "
+                        "of each record (unset cross_tokenizer_loss, or load the teacher here)")
     if config.fused_loss == "true":
         problems.append("fused_loss=true is not possible with cross_tokenizer_loss: the loss compares aligned spans "
                         "of two vocabularies from dense logits (use auto or false)")
