@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/accelerate launch --config_file configs/accelerate/single_process.yaml \
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/accelerate launch -q --config_file configs/accelerate/single_process.yaml \
 		scripts/distill_llm.py $(ARGS)
 
 test: $(STAMP)
