@@ -58,7 +58,7 @@ def test_training_from_float32_states_lands_on_the_live_teacher_run(tmp_path, te
     assert largest_difference(params(live.model), start) > 1e-3  # training moved the student
     assert largest_difference(params(live.model), params(cached.model)) < 1e-5
     kd = lambda t: [e["kd_loss"] for e in t.state.log_history if "kd_loss" in e]  # noqa: E731
-    assert kd(cached) == pytest.approx(kd(live), rel=1e-5)
+    assert kd(cached) == pytest.approx(kd(live), rel=1e-5, abs=1e-6)  # logs are rounded to 6 decimals
 
 
 def test_states_serve_any_divergence_and_a_moving_temperature(tmp_path, teacher, hidden_dir, date_dataset,

@@ -130,7 +130,7 @@ def test_on_policy_from_a_cache_with_the_side_process_teacher_trains_like_the_in
     assert max_difference(params(live.model), start) > 1e-2
     assert max_difference(params(side.model), params(live.model)) < 1e-5
     kd = lambda t: [e["kd_loss"] for e in t.state.log_history if "kd_loss" in e]  # noqa: E731
-    assert kd(side) == pytest.approx(kd(live), rel=1e-5)
+    assert kd(side) == pytest.approx(kd(live), rel=1e-5, abs=1e-6)  # logs are rounded to 6 decimals
 
 
 def test_the_side_process_teacher_is_refused_where_it_cannot_serve(tmp_path, proxy, cache_dir, date_dataset,
