@@ -214,10 +214,15 @@ def test_bad_run_shapes_are_refused():
 
 
 @pytest.mark.parametrize("settings, named", [
-    (dict(lmbda=0.5), "lmbda > 0"), (dict(seq_kd=True, alpha=0.5), "seq_kd"),
     (dict(precompute_teacher_logits=True), "precompute_teacher_logits"), (dict(teacher_cache="c"), "teacher_cache"),
 ])
 def test_packing_refuses_the_targets_laid_out_per_padded_example(tmp_path, settings, named):
     with pytest.raises(ValueError, match=f"packing=True cannot be combined with {named} yet"):
         config(tmp_path, packing=True, **settings)
     assert rules.packing_problems(config(tmp_path, **settings)) == []
+
+
+@pytest.mark.parametrize("settings", [dict(lmbda=0.5), dict(seq_kd=True), dict(lmbda=0.5, seq_kd=True)])
+def test_packing_takes_on_policy_and_seq_kd(tmp_path, settings):
+    """Generated completions are packed too (kd_llm.training.on_policy; exactness: tests/test_packed_generation)."""
+    assert rules.packing_problems(config(tmp_path, packing=True, **settings)) == []

@@ -15,7 +15,11 @@ A packed batch (what :class:`PackingCollator` returns) holds
 - ``packed_example_ids`` (:data:`PACKED_EXAMPLE_KEY`) ``[R, L]``: which example (0..N-1, in the order the
   collator received them) each token belongs to, -1 on padding. The trainer pops it before any forward; it gives
   the valid-token mask, the per-example attention blocks of the feature terms, and the re-layout of per-example
-  teacher targets (:func:`pack_shifted`). A pass-through key such as the cache index stays ``[N]`` in that order.
+  teacher targets (:func:`pack_shifted`). A pass-through key such as the cache index stays ``[N]`` in that order;
+- with ``prompt_starts=True`` (on-policy and seq_kd runs), ``kd_prompt_starts`` (:data:`PROMPT_START_KEY`) ``[N]``:
+  where each example's first supervised label is (its prompt's length), which the packed labels no longer tell when
+  an example is supervised from its first token (that label is masked). The generator reads it
+  (``kd_llm.training.on_policy.packed_prompts``); the trainer pops it with the other ``kd_*`` keys.
 
 Every model (student and teacher) is called with :func:`model_inputs`, so both see the same rows and positions.
 """
@@ -33,6 +37,7 @@ from kd_llm.data.formatting import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 PACKED_EXAMPLE_KEY = "packed_example_ids"
+PROMPT_START_KEY = "kd_prompt_starts"
 OVERLONG_CHOICES = ("error", "truncate")
 # Attention implementations whose masks transformers builds from packed position_ids (see the module docstring).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
@@ -69,6 +74,7 @@ class PackingCollator:
     than the padded one. An example longer than ``max_length`` is an error (``overlong="error"``) or cut to
     ``max_length`` tokens (``"truncate"``, counted in ``truncated``); it is never split across rows.
     Integer features named in ``passthrough_keys`` become ``[N]`` tensors in example order; other columns are dropped.
+    ``prompt_starts``: also return each example's first supervised position (:data:`PROMPT_START_KEY`).
     """
 
     pad_token_id: int
@@ -76,6 +82,7 @@ class PackingCollator:
     overlong: str = "error"
     passthrough_keys: tuple[str, ...] = ()
     pad_to_multiple_of: int | None = None
+    prompt_starts: bool = False
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_CHOICES:
@@ -126,6 +133,9 @@ class PackingCollator:
         for key in self.passthrough_keys:
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features])
+        if self.prompt_starts:
+            batch[PROMPT_START_KEY] = torch.tensor([next((p for p, label in enumerate(row) if label != IGNORE_INDEX),
+                                                         len(row)) for row in labels], dtype=torch.long)
         return batch
 
 

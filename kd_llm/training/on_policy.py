@@ -22,6 +22,11 @@ first assistant turn of a multi-turn record is regenerated; later turns are drop
 cache index) describe the dataset's completion, so a generated batch carries only ``input_ids``, ``attention_mask``,
 ``labels`` and its source under ``COMPLETION_SOURCE_KEY``: a cached teacher serves dataset batches, and the live
 teacher scores generated ones.
+
+With ``packing=True`` the dataset batches are packed (kd_llm.data.packing): the prompts are taken example by example
+(:func:`packed_prompts`), in the order the padded rows would have, so the generate calls, seeds and samples are the
+padded run's; the generated examples are packed again (``position_ids`` and ``packed_example_ids`` instead of the
+attention mask) before the student's and the teacher's forward. Packing changes only the layout.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.data.formatting import IGNORE_INDEX
+from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PROMPT_START_KEY, PackingCollator, unpack
 from kd_llm.evaluation.generation import left_pad
 
 COMPLETION_SOURCE_KEY = "kd_completion_source"
@@ -90,6 +96,38 @@ def prompts_from_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> list[l
     return prompts
 
 
+def packed_prompts(batch: dict) -> list[list[int]]:
+    """Each example's prompt in a packed batch (kd_llm.data.packing), in example order: the order of the rows of
+    the same examples padded, so a packed batch generates from the same prompts, seeds and rows as a padded one.
+
+    The prompt lengths come from the collator's :data:`~kd_llm.data.packing.PROMPT_START_KEY` (packing masks each
+    example's first label, so the labels cannot tell an example supervised from its first token); the same examples
+    are refused as by :func:`prompts_from_labels`."""
+    if PROMPT_START_KEY not in batch:
+        raise ValueError("on-policy and seq_kd generation from packed batches needs each example's prompt length: "
+                         "build the PackingCollator with prompt_starts=True (DistillationTrainer does).")
+    example_ids = batch[PACKED_EXAMPLE_KEY].cpu()
+    starts = batch[PROMPT_START_KEY].cpu().tolist()
+    tokens = unpack(batch["input_ids"].cpu(), example_ids, count=len(starts))
+    prompts = []
+    for example, (ids, start) in enumerate(zip(tokens, starts)):
+        if start >= len(ids):
+            raise ValueError(f"Example {example} of the batch has no supervised label, so its prompt cannot be told "
+                             "from its completion; on-policy and seq_kd need prompt/completion or chat records.")
+        if start == 0:
+            raise ValueError(f"Example {example} of the batch is supervised from its first token, so it has no prompt "
+                             "to generate from; on-policy and seq_kd need prompt/completion or chat records.")
+        prompts.append(ids[:start].tolist())
+    return prompts
+
+
+def batch_prompts(batch: dict) -> list[list[int]]:
+    """The prompts of a padded (:func:`prompts_from_labels`) or packed (:func:`packed_prompts`) batch."""
+    if batch.get(PACKED_EXAMPLE_KEY) is not None:
+        return packed_prompts(batch)
+    return prompts_from_labels(batch["input_ids"], batch["labels"])
+
+
 def cut_after_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     """``tokens`` up to and including the first EOS (whatever follows is padding); all of them if none is EOS."""
     tokens = list(tokens)
@@ -100,13 +138,21 @@ def cut_after_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
 
 
 def build_completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
-                           source: str) -> dict:
+                           source: str, packing_max_length: int | None = None) -> dict:
     """A right-padded training batch of ``prompt + completion`` rows: the prompt masked (-100), every completion
-    token supervised, the EOS included, padding at -100. Labels come from the lists, never from the pad id."""
+    token supervised, the EOS included, padding at -100. Labels come from the lists, never from the pad id.
+
+    ``packing_max_length`` (not None): packed instead (:class:`~kd_llm.data.packing.PackingCollator`, rows of up to
+    that many tokens, 0: the longest example). A generated example longer than it gets a row of its own, never cut:
+    cutting it would change the loss against the padded batch of the same samples."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
     features = [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in zip(prompts, completions)]
-    batch = CausalLMCollator(pad_token_id)(features)
+    if packing_max_length is None:
+        batch = CausalLMCollator(pad_token_id)(features)
+    else:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = PackingCollator(pad_token_id, max_length=max(packing_max_length, longest))(features)
     batch[COMPLETION_SOURCE_KEY] = source
     return batch
 
@@ -242,7 +288,8 @@ class CompletionGenerator:
     teacher's generations (``seq_kd``, the others). Built by :meth:`from_config` when either is on."""
 
     def __init__(self, *, lmbda: float, seq_kd: bool, seq_kd_decoding: str, max_new_tokens: int, temperature: float,
-                 seed: int, pad_token_id: int, tokenizer, vocab_size: int | None = None, buffer: int = 0):
+                 seed: int, pad_token_id: int, tokenizer, vocab_size: int | None = None, buffer: int = 0,
+                 packing_max_length: int | None = None):
         if seq_kd_decoding not in SEQ_KD_DECODING:
             raise ValueError(f"seq_kd_decoding must be one of {SEQ_KD_DECODING}, got {seq_kd_decoding!r}.")
         self.lmbda, self.seq_kd, self.seq_kd_decoding = lmbda, seq_kd, seq_kd_decoding
@@ -251,6 +298,7 @@ class CompletionGenerator:
         if buffer < 0:
             raise ValueError(f"buffer must be >= 0 (0: every micro-batch of the step in one call), got {buffer}.")
         self.buffer = buffer
+        self.packing_max_length = packing_max_length  # not None: generated batches are packed (kd_llm.data.packing)
         self.stats = GenerationStats()
         self.totals = GenerationStats()  # the whole run, for results.json
         # Greedy teacher targets depend on the prompt alone: generate each once, reuse it in every later epoch.
@@ -265,7 +313,8 @@ class CompletionGenerator:
         return cls(lmbda=args.lmbda, seq_kd=args.seq_kd, seq_kd_decoding=args.seq_kd_decoding,
                    max_new_tokens=args.generation_max_new_tokens, temperature=args.generation_temperature,
                    seed=args.seed, pad_token_id=pad_id, tokenizer=tokenizer, vocab_size=vocab_size,
-                   buffer=args.generation_buffer)
+                   buffer=args.generation_buffer,
+                   packing_max_length=args.packing_max_length if getattr(args, "packing", False) else None)
 
     def source_of(self, step: int, micro_batch: int) -> str | None:
         """``"student"``, ``"teacher"`` or None (keep the dataset's completion) for one micro-batch."""
@@ -283,7 +332,7 @@ class CompletionGenerator:
         if self.stats.window_started is None:
             self.stats.window_started = time.perf_counter()
         sources = [self.source_of(step, index) for index in range(len(batches))]
-        prompts = {index: prompts_from_labels(batch["input_ids"], batch["labels"])
+        prompts = {index: batch_prompts(batch)
                    for index, (batch, source) in enumerate(zip(batches, sources)) if source is not None}
         started = time.perf_counter()
         completions: dict[int, list[list[int]]] = {}
@@ -305,7 +354,8 @@ class CompletionGenerator:
                 continue
             self.stats.on_policy_batches += source == STUDENT
             self.stats.seq_kd_batches += source == TEACHER
-            new = build_completion_batch(prompts[index], completions[index], self.pad_token_id, source)
+            new = build_completion_batch(prompts[index], completions[index], self.pad_token_id, source,
+                                         packing_max_length=self.packing_max_length)
             device = batch["input_ids"].device
             out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in new.items()})
         self.stats.micro_batches += len(batches)

@@ -174,13 +174,13 @@ def packing_problems(config) -> list[str]:
     """The sources of teacher targets that cannot read packed rows (kd_llm.data.packing) yet."""
     if not getattr(config, "packing", False):
         return []
-    unsupported = [name for name, on in (("lmbda > 0", config.lmbda > 0), ("seq_kd", config.seq_kd),
-                                         ("precompute_teacher_logits", config.precompute_teacher_logits),
+    # lmbda > 0 and seq_kd: the generated completions are packed too (kd_llm.training.on_policy).
+    unsupported = [name for name, on in (("precompute_teacher_logits", config.precompute_teacher_logits),
                                          ("teacher_cache", bool(config.teacher_cache))) if on]
     if not unsupported:
         return []
-    return [f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets and generated "
-            "completions are laid out per padded example): set packing=False, and cut padding with "
+    return [f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets are laid out "
+            "per padded example): set packing=False, and cut padding with "
             "length_grouping=step or train_sampling_strategy=group_by_length instead"]
 
 

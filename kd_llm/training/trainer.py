@@ -108,7 +108,8 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             kwargs["data_collator"] = (
                 PackingCollator(pad_id, max_length=args.packing_max_length, overlong=args.packing_overlong,
-                                passthrough_keys=(EXAMPLE_INDEX_COLUMN,)) if args.packing
+                                passthrough_keys=(EXAMPLE_INDEX_COLUMN,),
+                                prompt_starts=args.lmbda > 0 or args.seq_kd) if args.packing
                 else CausalLMCollator(pad_id, passthrough_keys=(EXAMPLE_INDEX_COLUMN,)))
             if self.cross_tokenizer is not None:  # packing with cross_tokenizer_loss is refused by the rules
                 teacher_side = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
