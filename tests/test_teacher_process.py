@@ -235,3 +235,60 @@ def test_hidden_state_proxy_refuses_a_teacher_whose_logits_are_not_its_heads(tmp
         tmp_path)
     with pytest.raises(TeacherProcessError, match="logit_scale"):
         TeacherProcess(tmp_path, num_threads=1, hidden_states=True)
+
+
+def test_packed_rows_reach_the_child_with_their_positions_and_score_each_example_alone(proxy, teacher, date_dataset,
+                                                                                       char_tokenizer):
+    """packing=True: the proxy sends position_ids and no mask, so the child isolates the examples (per-example
+    logits of the padded batch, 1e-5); the in-process teacher on the same packed rows gives the same logits."""
+    from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PackingCollator, unpack
+
+    features = [date_dataset[i] for i in range(6)]
+    padded = CausalLMCollator(char_tokenizer.pad_token_id)(features)
+    packed = PackingCollator(char_tokenizer.pad_token_id, max_length=160)(features)
+    assert packed["input_ids"].shape[0] < len(features)
+    got = proxy(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    with torch.no_grad():
+        # use_cache=False, as every kd_llm forward: with a KV cache transformers does not detect packed rows.
+        in_process = teacher(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                             use_cache=False).logits
+        reference = teacher(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    torch.testing.assert_close(got, in_process, rtol=0, atol=1e-6)
+    for example, logits in enumerate(unpack(got, packed[PACKED_EXAMPLE_KEY])):
+        n = int(padded["attention_mask"][example].sum())
+        torch.testing.assert_close(logits, reference[example, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_side_process_teacher_with_packing_gives_the_padded_loss_and_gradients(tmp_path, proxy, tiny_teacher_dir,
+                                                                               date_dataset, char_tokenizer, fused):
+    """Dataset batches and the student's on-policy samples (lmbda=1), scored in the side process, packed vs
+    padded: loss and gradients within 1e-5; dense (logits over the Pipe) and fused (hidden states over the Pipe)."""
+    from tests.test_packed_generation import assert_same_loss_and_gradients, micro_batches
+
+    settings = dict(lmbda=1.0, generation_max_new_tokens=12, fused_loss="true" if fused else "false")
+    import contextlib
+
+    # The module's proxy must stay open for the other tests: only the hidden-state one is closed here.
+    opened = TeacherProcess(tiny_teacher_dir, num_threads=1, hidden_states=True) if fused else None
+    with opened if fused else contextlib.nullcontext(proxy) as side:
+        trainers = {}
+        for packing in (False, True):
+            trainers[packing] = DistillationTrainer(
+                model=tiny_llama(89, seed=2), teacher_model=side, train_dataset=date_dataset,
+                processing_class=char_tokenizer,
+                args=tiny_distillation_config(tmp_path / str(packing), packing=packing, packing_max_length=160,
+                                              **settings))
+        padded, packed = trainers[False], trainers[True]
+        assert packed.teacher is side and packed.fused_loss == padded.fused_loss == fused
+        padded_in, packed_in = micro_batches(padded, date_dataset), micro_batches(packed, date_dataset)
+        assert all(b["input_ids"].shape[0] < 4 for b in packed_in)
+        for padded_batch, packed_batch in zip(padded_in, packed_in):  # the dataset's completions
+            assert_same_loss_and_gradients(padded, packed, padded_batch, packed_batch)
+        requests = side.requests
+        generated = [t.completion_generator.replace(b, step=0, student=t.model, teacher=t.teacher)
+                     for t, b in ((padded, padded_in), (packed, packed_in))]
+        for padded_batch, packed_batch in zip(*generated):  # the student's samples
+            assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
+            assert_same_loss_and_gradients(padded, packed, padded_batch, packed_batch)
+        assert side.requests - requests == 4  # each generated batch scored once per trainer, in the child

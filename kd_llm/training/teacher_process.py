@@ -5,7 +5,7 @@ scripts/cache_teacher.py) serves the dataset's batches, but the student's own sa
 holds, so a live teacher must score them. Loaded in the training process it would cost what the cache saved: its
 weights and activations next to the student, its gradients and optimizer states. ``TeacherProcess`` loads it in a
 child process instead ("spawn": a fresh interpreter that shares no memory with the parent and may use CUDA), which
-answers forward requests over a Pipe: ``input_ids`` and ``attention_mask`` go there, float32 logits for every
+answers forward requests over a Pipe: ``input_ids`` and ``attention_mask`` (packed rows: ``position_ids``) go there, float32 logits for every
 position come back. The teacher's memory moves to that process (or to another device, with ``device=``).
 
 With ``hidden_states=True`` the child sends its lm_head once at start-up (checked: its logits must be
@@ -74,8 +74,8 @@ def _embedding_rows(model, which: str) -> int | None:
 
 def _serve(connection, spec: str, adapter: str | None, trust_remote_code: bool, dtype: str, device: str,
            num_threads: int | None, hidden_states: bool = False, transport_dtype: str = "float32") -> None:
-    """The child: load and freeze the teacher, report it, then answer ``(input_ids, attention_mask, hidden)``
-    requests with float32 logits (or, when ``hidden``, final hidden states in ``transport_dtype``) until told to stop
+    """The child: load and freeze the teacher, report it, then answer ``(input_ids, attention_mask, position_ids,
+    hidden)`` requests (the mask or the positions may be None) with float32 logits (or, when ``hidden``, final hidden states in ``transport_dtype``) until told to stop
     (None) or until the parent's end of the Pipe closes."""
     try:
         from kd_llm.models.lm_head import HIDDEN_STATE_FORWARD_KWARGS
@@ -112,14 +112,17 @@ def _serve(connection, spec: str, adapter: str | None, trust_remote_code: bool, 
         if request is None:
             break
         try:
-            input_ids, attention_mask, hidden = request
+            input_ids, attention_mask, position_ids, hidden = request
+            # Packed rows (kd_llm.data.packing) come with position_ids and no mask: the mask the model builds from
+            # them keeps each example to itself, as in the training process.
+            inputs = {name: value.to(device) for name, value in (("input_ids", input_ids),
+                                                                 ("attention_mask", attention_mask),
+                                                                 ("position_ids", position_ids)) if value is not None}
             if hidden:
-                outputs = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                use_cache=False, **HIDDEN_STATE_FORWARD_KWARGS)
+                outputs = model(**inputs, use_cache=False, **HIDDEN_STATE_FORWARD_KWARGS)
                 answer = ("hidden", outputs.hidden_states[-1].to(wire_dtype).cpu())
             else:
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               use_cache=False).logits
+                logits = model(**inputs, use_cache=False).logits
                 answer = ("logits", logits.float().cpu())
         except Exception:  # noqa: BLE001 -- reported; the child keeps serving
             answer = ("error", traceback.format_exc())
@@ -232,21 +235,22 @@ class TeacherProcess:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  use_cache: bool | None = None, output_hidden_states=None, logits_to_keep: int = 0,
-                 **unsupported) -> CausalLMOutput:
+                 position_ids: torch.Tensor | None = None, **unsupported) -> CausalLMOutput:
         """Logits ``[B, T, V]``; with ``output_hidden_states`` (``hidden_states=True`` only) the final hidden states
         ``hidden_states=(h,)`` come over the wire, and the logits of the last ``logits_to_keep`` positions (all for
-        0) are computed here from them and the head."""
+        0) are computed here from them and the head. Packed rows (kd_llm.data.packing): ``position_ids`` and no
+        ``attention_mask``, both sent as given, so the child's model isolates the examples as a live teacher does."""
         if unsupported or (output_hidden_states and self.info.head is None):
             asked = sorted(unsupported) or ["output_hidden_states"]
             raise TypeError(f"The side-process teacher returns logits only; it does not take {asked}"
                             + ("" if unsupported else ": start it with TeacherProcess(..., hidden_states=True)."))
         if not self._finalizer.alive:
             raise TeacherProcessError(f"The teacher process ({self.spec}) is closed.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         hidden = bool(output_hidden_states)
+        on_cpu = [None if value is None else value.detach().cpu() for value in (input_ids, attention_mask,
+                                                                                 position_ids)]
         try:
-            self._connection.send((input_ids.detach().cpu(), attention_mask.detach().cpu(), hidden))
+            self._connection.send((*on_cpu, hidden))
         except OSError as error:  # a broken Pipe: the child is gone
             raise self._gone("scoring a batch") from error
         payload = self._receive(self.request_timeout, "scoring a batch")

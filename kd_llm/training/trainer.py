@@ -197,11 +197,11 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
     @staticmethod
     def _check_packing(model, teacher_model, kwargs) -> None:
         """packing=True: both models must isolate packed examples, and nothing may read packed rows as examples."""
+        # A TeacherProcess is sent the packed rows and position_ids; its config (reported by the child) says which
+        # attention its model runs.
         problems = [problem for problem in (packing_attention_problem(model, "student"),
-                                            None if teacher_model is None or isinstance(teacher_model, TeacherProcess)
+                                            None if teacher_model is None
                                             else packing_attention_problem(teacher_model, "teacher")) if problem]
-        if isinstance(teacher_model, TeacherProcess):
-            problems.append("a TeacherProcess (side-process teacher) is sent padded rows only")
         if kwargs.get("compute_metrics") is not None:
             problems.append("compute_metrics would read packed rows as examples (evaluate with packing=False)")
         if problems:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from kd_llm.data.packing import model_inputs
 from kd_llm.losses import LossComponents, distillation_objective
 from kd_llm.training.targets.base import KDBatch, LossRequest, TeacherTarget, student_logits
 
@@ -23,8 +24,7 @@ class SideProcess(TeacherTarget):
         teacher_logits = None
         if request.alpha < 1:
             with torch.no_grad():
-                outputs = self.teacher(input_ids=batch.inputs["input_ids"],
-                                       attention_mask=batch.inputs.get("attention_mask"), use_cache=False)
+                outputs = self.teacher(**model_inputs(batch.inputs), use_cache=False)  # packed: position_ids
             teacher_logits = outputs.logits[:, :-1]
         return distillation_objective(student_logits(student_outputs), teacher_logits, batch.shifted_labels,
                                       kd_vocab_size=request.kd_vocab_size, **request.objective_kwargs)
