@@ -155,7 +155,6 @@ def test_routed_teachers_score_their_own_examples(tmp_path, served_teacher, othe
     (dict(teacher_url="http://127.0.0.1:1", teacher_protocol="vllm", temperature=2.0), "comes at temperature 1"),
     (dict(teacher_url="http://127.0.0.1:1", distillation_loss="mse"), "cannot be computed from a served"),
     (dict(teacher_url="http://127.0.0.1:1", hidden_weight=1.0), "intermediate features"),
-    (dict(teacher_url="http://127.0.0.1:1", packing=True), "set packing=false"),
 ])
 def test_config_refuses_what_a_served_teacher_cannot_serve(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -185,3 +184,53 @@ def test_parity_against_a_teacher_cache(tmp_path, served_teacher, tiny_teacher_d
     with pytest.raises(TeacherIdentityError, match="teacher cache was made by a teacher with hash"):
         served_trainer(tmp_path / "b", served_teacher.url, date_dataset, char_tokenizer, teacher_top_k=16,
                        teacher_parity_reference=str(tmp_path / "other"))
+
+
+def test_packed_batches_are_sent_example_by_example_and_give_the_padded_loss_and_gradients(
+        tmp_path, served_teacher, date_dataset, char_tokenizer):
+    """packing=True: each example of a packed row is its own request sequence, and the answers are re-laid onto the
+    packed rows: the dataset's batches and the student's on-policy samples give the padded batches' loss and
+    gradients (1e-5), at k = V and at k = 8 (a tail); the requests are the padded batch's sequences."""
+    from kd_llm.serving.training import batch_sequences
+    from tests.test_packed_generation import assert_same_loss_and_gradients, micro_batches
+
+    for k in (89, 8):
+        trainers = {packing: served_trainer(tmp_path / f"{k}-{packing}", served_teacher.url, date_dataset,
+                                            char_tokenizer, packing=packing, packing_max_length=160, lmbda=1.0,
+                                            alpha=0.5, teacher_top_k=k, generation_max_new_tokens=8,
+                                            teacher_parity_examples=0)
+                    for packing in (False, True)}
+        padded, packed = trainers[False], trainers[True]
+        padded_in, packed_in = micro_batches(padded, date_dataset), micro_batches(packed, date_dataset)
+        for padded_batch, packed_batch in zip(padded_in, packed_in):
+            assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
+            assert batch_sequences(packed_batch["input_ids"], None, packed_batch["packed_example_ids"]) == \
+                batch_sequences(padded_batch["input_ids"], padded_batch["attention_mask"])
+            assert_same_loss_and_gradients(padded, packed, padded_batch, packed_batch)
+        assert packed.served_teacher.prefetched == 2 and packed.served_teacher.requested == 0
+        generated = [t.completion_generator.replace(b, step=0, student=t.model, teacher=t.teacher)
+                     for t, b in ((padded, padded_in), (packed, packed_in))]
+        for padded_batch, packed_batch in zip(*generated):  # not prefetched: asked for when needed
+            assert_same_loss_and_gradients(padded, packed, padded_batch, packed_batch)
+        assert packed.served_teacher.requested == 2
+
+
+def test_packed_training_with_routed_teachers_trains_the_padded_runs_student(tmp_path, served_teacher,
+                                                                             other_teacher_dir, date_dataset,
+                                                                             char_tokenizer):
+    """Each example of a packed row goes to the teacher its teacher_id names: with another teacher on one id, the
+    packed run (accumulated, parity probe on) trains the padded run's student."""
+    routed_data = date_dataset.add_column("teacher_id", ["dates" if i % 2 else "other" for i in
+                                                         range(len(date_dataset))])
+    settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, teacher_parity_examples=4)
+    with ServerProcess(other_teacher_dir, tmp_path / "other") as other:
+        routes = {"dates": served_teacher.url, "other": other.url}
+        runs = {}
+        for packing in (False, True):
+            runs[packing] = served_trainer(tmp_path / str(packing), None, routed_data, char_tokenizer,
+                                           teacher_routes=routes, packing=packing, **settings)
+            runs[packing].train()
+    padded, packed = runs[False], runs[True]
+    assert max_difference(params(padded.model), params(tiny_llama(89, seed=2))) > 1e-3
+    assert max_difference(params(packed.model), params(padded.model)) < 1e-6
+    assert packed.served_teacher.prefetched == 6 and packed.served_teacher.requested == 0

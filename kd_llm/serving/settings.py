@@ -102,9 +102,6 @@ def served_teacher_config_problems(config) -> list[str]:
     if config.hidden_weight > 0 or config.attention_weight > 0:
         problems.append("hidden_weight / attention_weight match the teacher's intermediate features, which a served "
                         "teacher does not send: set them to 0")
-    if getattr(config, "packing", False):
-        problems.append("packing puts several examples in one row, which a served teacher would score as one "
-                        "sequence: set packing=false")
     if routes and config.dataloader_num_workers > 0:
         problems.append("teacher_routes reads the route column in the collator of the training process: set "
                         "dataloader_num_workers=0 (the served teacher's requests run on threads anyway)")

@@ -5,6 +5,11 @@ prefetching collator, and the parity check before the first step.
   gathered at the supervised positions (``shifted_labels != -100``, row-major), as the top-k cache gathers its rows,
   into :class:`~kd_llm.losses.sparse.SparseTargets` with the tail the server computed (kd_llm's server) or
   ``1 - sum(top-k)`` (vLLM, which sends no tail).
+- **Packed batches** (``packing=True``, kd_llm.data.packing): each example of a packed row is sent as its own
+  sequence (the server would otherwise score the row as one sequence, examples attending to each other), and the
+  answers are re-laid onto the packed rows' supervised positions by the rows' ``position_ids``. The wire protocol is
+  unchanged (protocol version 1; vLLM's ``/v1/completions`` too): the server sees the sequences a padded batch of the
+  same examples sends.
 - **Prefetch.** :class:`PrefetchingCollator` wraps the data collator: as soon as a batch is collated, its request
   starts on a worker thread. The Trainer collates the micro-batches of a step before training on them and Accelerate
   fetches one batch ahead, so the answer is usually there when the step needs it. Answers are found again by the
@@ -25,15 +30,21 @@ from collections import OrderedDict, deque
 
 import torch
 
+from kd_llm.data.collator import CausalLMCollator
+from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PackingCollator, unpack
 from kd_llm.losses.sparse import SparseTargets
 from kd_llm.serving.settings import served_signal_temperature, split_urls, teacher_routes
 
 _MAX_PENDING = 64  # prefetched answers kept; older ones (never asked for) are dropped
 
 
-def batch_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
-    """The token ids of each row without its (right) padding."""
+def batch_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    example_ids: torch.Tensor | None = None) -> list[list[int]]:
+    """The token ids of each row without its (right) padding; of a packed batch (``example_ids``, see
+    kd_llm.data.packing), each example's, in example order: the server scores every example as its own sequence."""
     input_ids = input_ids.detach().cpu()
+    if example_ids is not None:
+        return [tokens.tolist() for tokens in unpack(input_ids, example_ids.detach().cpu())]
     if attention_mask is None:
         return input_ids.tolist()
     lengths = attention_mask.detach().cpu().sum(-1).tolist()
@@ -48,8 +59,13 @@ def _key(sequences: list[list[int]]) -> bytes:
     return digest.digest()
 
 
-def gather_targets(rows, shifted_labels: torch.Tensor, *, temperature: float, device=None) -> SparseTargets:
-    """Rows of each sequence at its supervised positions, row-major, as :class:`SparseTargets`."""
+def gather_targets(rows, shifted_labels: torch.Tensor, *, temperature: float, device=None,
+                   example_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> SparseTargets:
+    """Rows of each sequence at its supervised positions, row-major, as :class:`SparseTargets`. A packed batch
+    (``example_ids`` and ``position_ids``): ``rows`` are its examples' (:func:`batch_sequences`), re-laid onto the
+    packed rows' supervised positions, row-major (each lies inside one example, at that example's position)."""
+    if example_ids is not None:
+        return _gather_packed(rows, shifted_labels, example_ids, position_ids, temperature=temperature, device=device)
     ids, values, tails = [], [], []
     labels = shifted_labels.detach().cpu()
     for row, (row_ids, row_values, row_tail) in enumerate(rows):
@@ -61,6 +77,23 @@ def gather_targets(rows, shifted_labels: torch.Tensor, *, temperature: float, de
         values.append(row_values[positions])
         tails.append(row_tail[positions])
     targets = SparseTargets(torch.cat(ids).long(), torch.cat(values).float(), torch.cat(tails).float(), temperature)
+    return targets if device is None else targets.to(device)
+
+
+def _gather_packed(rows, shifted_labels, example_ids, position_ids, *, temperature: float, device=None):
+    if position_ids is None:
+        raise ValueError("a packed batch's served rows are re-laid by its position_ids, which the batch lacks")
+    supervised = shifted_labels.detach().cpu() != -100
+    examples = example_ids.detach().cpu()[:, :-1][supervised]
+    positions = position_ids.detach().cpu()[:, :-1][supervised]
+    lengths = torch.tensor([len(row_ids) for row_ids, _, _ in rows], dtype=torch.long)
+    if len(examples) and ((examples < 0) | (positions >= lengths[examples.clamp_min(0)] - 1)).any():
+        raise ValueError("a supervised position of the packed batch lies outside its example's served answer: "
+                         "labels must lie inside the examples (kd_llm.data.packing)")
+    offsets = torch.cumsum(lengths, 0) - lengths
+    index = offsets[examples] + positions
+    ids, values, tails = (torch.cat([row[part] for row in rows]) for part in range(3))
+    targets = SparseTargets(ids[index].long(), values[index].float(), tails[index].float(), temperature)
     return targets if device is None else targets.to(device)
 
 
@@ -111,8 +144,8 @@ class ServedTopK:
             return self.source.topk(sequences, k=self.k, temperature=self.temperature)
         return self.source.topk(sequences, teacher_ids, k=self.k, temperature=self.temperature)
 
-    def prefetch(self, input_ids, attention_mask, teacher_ids=None) -> None:
-        sequences = batch_sequences(input_ids, attention_mask)
+    def prefetch(self, input_ids, attention_mask, teacher_ids=None, example_ids=None) -> None:
+        sequences = batch_sequences(input_ids, attention_mask, example_ids)
         if self.route_column is not None and teacher_ids is None:
             raise ValueError(f"teacher_routes needs a {self.route_column!r} column naming each example's teacher")
         key = _key(sequences)
@@ -128,9 +161,10 @@ class ServedTopK:
                 for stale in old:
                     stale.cancel()
 
-    def rows(self, input_ids, attention_mask):
-        """The served rows of a batch: its prefetched answer if there is one, else a request now."""
-        sequences = batch_sequences(input_ids, attention_mask)
+    def rows(self, input_ids, attention_mask, example_ids=None):
+        """The served rows of a batch (of each example, for a packed batch): its prefetched answer if there is one,
+        else a request now."""
+        sequences = batch_sequences(input_ids, attention_mask, example_ids)
         key = _key(sequences)
         with self._lock:
             queue = self._pending.get(key)
@@ -152,9 +186,13 @@ class ServedTopK:
         finally:
             self.wait_seconds += time.perf_counter() - started
 
-    def targets(self, input_ids, attention_mask, shifted_labels, *, device=None) -> SparseTargets:
-        return gather_targets(self.rows(input_ids, attention_mask), shifted_labels, temperature=self.temperature,
-                              device=device)
+    def targets(self, input_ids, attention_mask, shifted_labels, *, device=None, example_ids=None,
+                position_ids=None) -> SparseTargets:
+        """The batch's sparse targets; a packed batch (``example_ids``, ``position_ids``: kd_llm.data.packing) is
+        asked example by example and its answers re-laid onto the packed rows."""
+        return gather_targets(self.rows(input_ids, attention_mask, example_ids), shifted_labels,
+                              temperature=self.temperature, device=device, example_ids=example_ids,
+                              position_ids=position_ids)
 
     def close(self) -> None:
         with self._lock:
@@ -185,7 +223,8 @@ class PrefetchingCollator:
             teacher_ids = [str(f[route_column]) for f in features]
         batch = self.collator(features)
         if torch.utils.data.get_worker_info() is None:
-            self.signal.prefetch(batch["input_ids"], batch.get("attention_mask"), teacher_ids)
+            self.signal.prefetch(batch["input_ids"], batch.get("attention_mask"), teacher_ids,
+                                 batch.get(PACKED_EXAMPLE_KEY))
         return batch
 
 
@@ -306,8 +345,11 @@ def check_parity(trainer, signal: ServedTopK, *, teacher_model, tokenizer) -> di
     count = min(args.teacher_parity_examples, len(trainer.train_dataset))
     indices = list(range(count))
     features = [trainer.train_dataset[i] for i in indices]
-    batch = trainer.data_collator(features) if not isinstance(trainer.data_collator, PrefetchingCollator) else \
-        trainer.data_collator.collator(features)
+    collator = trainer.data_collator.collator if isinstance(trainer.data_collator, PrefetchingCollator) else \
+        trainer.data_collator
+    if isinstance(collator, PackingCollator):  # the probe compares teachers, example by example: padded rows
+        collator = CausalLMCollator(collator.pad_token_id)
+    batch = collator(features)
     shifted = batch["labels"][:, 1:]
     sequences = batch_sequences(batch["input_ids"], batch.get("attention_mask"))
     teacher_ids = [str(f[signal.route_column]) for f in features] if signal.route_column else None

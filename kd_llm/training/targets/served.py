@@ -30,7 +30,9 @@ class ServedTeacher(TeacherTarget):
         if request.alpha < 1:
             try:
                 targets = self.signal.targets(batch.inputs["input_ids"], batch.inputs.get("attention_mask"),
-                                              batch.shifted_labels, device=logits.device)
+                                              batch.shifted_labels, device=logits.device,
+                                              example_ids=batch.packed_example_ids,
+                                              position_ids=batch.inputs.get("position_ids"))
             except (ServedTeacherUnavailable, TeacherIdentityError) as error:
                 if self.on_failure is not None:
                     self.on_failure(error)
