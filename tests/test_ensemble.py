@@ -177,3 +177,22 @@ def test_precomputed_mixture_needs_a_constant_temperature(tmp_path, char_tokeniz
             args=make_config(tmp_path, precompute_teacher_logits=True, temperature=4.0, final_temperature=1.0,
                              temperature_schedule="linear"),
             train_dataset=date_dataset, processing_class=char_tokenizer)
+
+
+@pytest.mark.parametrize("mixture", ["probs", "log_probs"])
+def test_packed_batch_gives_the_ensembles_padded_loss_and_gradients(tmp_path, char_tokenizer, date_dataset, mixture):
+    """packing=True: every member runs on the packed rows with their position_ids; the mixture's loss and gradients
+    are the padded batch's (1e-5), a member with a padded embedding included."""
+    from kd_llm.data.packing import PackingCollator
+    from tests.test_packed_generation import assert_same_loss_and_gradients
+
+    features = [date_dataset[i] for i in range(8)]
+    trainers = {packing: EnsembleDistillationTrainer(
+        model=tiny_llama(len(char_tokenizer), seed=2), processing_class=char_tokenizer, train_dataset=date_dataset,
+        teacher_model=TeacherEnsemble(teachers(char_tokenizer), [0.6, 0.4], mixture=mixture),
+        args=make_config(tmp_path / str(packing), packing=packing)) for packing in (False, True)}
+    packed = trainers[True]
+    assert isinstance(packed.data_collator, PackingCollator)
+    packed_batch = packed.data_collator(features)
+    assert packed_batch["input_ids"].shape[0] < len(features)
+    assert_same_loss_and_gradients(trainers[False], packed, trainers[False].data_collator(features), packed_batch)
