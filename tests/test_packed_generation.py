@@ -138,3 +138,25 @@ def test_packed_prompts_refuse_the_examples_padded_prompts_refuse(char_tokenizer
         packed_prompts(collate([{"input_ids": [9, 10], "labels": [-100, -100]}, fine]))
     with pytest.raises(ValueError, match="prompt_starts=True"):
         packed_prompts(PackingCollator(char_tokenizer.pad_token_id)([fine]))
+
+
+def test_ema_self_distillation_on_policy_with_packing_trains_the_padded_runs_student(tmp_path, char_tokenizer,
+                                                                                     date_dataset):
+    """The EMA teacher (a moving copy of the student) scores the student's packed samples as a live teacher does."""
+    from tests.test_packed_trainer import mode_trainer
+
+    # lmbda < 1: the EMA starts as the student (no KD signal) and moves away from it on the dataset's batches.
+    settings = dict(lmbda=0.5, generation_max_new_tokens=10, max_steps=4, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=2)
+    padded = mode_trainer("ema", tmp_path / "padded", char_tokenizer, date_dataset, packing=False, **settings)
+    packed = mode_trainer("ema", tmp_path / "packed", char_tokenizer, date_dataset, packing=True,
+                          packing_max_length=160, **settings)
+    padded.train()
+    packed.train()
+    assert max_difference(params(padded.model), params(tiny_llama(len(char_tokenizer), seed=2))) > 1e-3
+    assert max_difference(params(packed.model), params(padded.model)) < 1e-4
+    losses = lambda t: [e["total_loss"] for e in t.state.log_history if "total_loss" in e]  # noqa: E731
+    assert losses(packed) == pytest.approx(losses(padded), rel=1e-5)
+    fractions = [e["on_policy_fraction"] for e in packed.state.log_history if "on_policy_fraction" in e]
+    assert len(fractions) == 4 and 0 < sum(fractions) < 4
+    assert any(e["kd_loss"] > 0 for e in packed.state.log_history[1:] if "kd_loss" in e)
