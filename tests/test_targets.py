@@ -104,9 +104,11 @@ class FullTopKSignal:
     def __init__(self, teacher):
         self.teacher = teacher
 
-    def targets(self, input_ids, attention_mask, shifted_labels, *, device=None):
+    def targets(self, input_ids, attention_mask, shifted_labels, *, device=None, example_ids=None, position_ids=None):
+        # A packed batch's rows are one teacher forward with its position_ids (no mask), row-major like ServedTopK's.
         with torch.no_grad():
-            logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).logits[:, :-1]
         rows = logits[shifted_labels != -100]
         ids, log_probs, log_tail = topk_with_tail(rows, k=CHAR_VOCAB, temperature=TEMPERATURE, vocab_size=CHAR_VOCAB)
         return SparseTargets(ids, log_probs, log_tail, TEMPERATURE)
