@@ -27,6 +27,10 @@ With ``packing=True`` the dataset batches are packed (kd_llm.data.packing): the 
 (:func:`packed_prompts`), in the order the padded rows would have, so the generate calls, seeds and samples are the
 padded run's; the generated examples are packed again (``position_ids`` and ``packed_example_ids`` instead of the
 attention mask) before the student's and the teacher's forward. Packing changes only the layout.
+
+How generated rows are laid out is the generator's ``rows`` (:class:`SameTokenizerRows` here; a teacher with another
+tokenizer: ``kd_llm.cross_tokenizer.generated``, which renders each completion's text for both models); the choices
+and seeds above do not depend on it.
 """
 
 from __future__ import annotations
@@ -121,11 +125,12 @@ def packed_prompts(batch: dict) -> list[list[int]]:
     return prompts
 
 
-def batch_prompts(batch: dict) -> list[list[int]]:
-    """The prompts of a padded (:func:`prompts_from_labels`) or packed (:func:`packed_prompts`) batch."""
+def batch_prompts(batch: dict, columns: tuple[str, str] = ("input_ids", "labels")) -> list[list[int]]:
+    """The prompts of a padded (:func:`prompts_from_labels`, from the ``columns`` holding ids and labels) or packed
+    (:func:`packed_prompts`) batch."""
     if batch.get(PACKED_EXAMPLE_KEY) is not None:
         return packed_prompts(batch)
-    return prompts_from_labels(batch["input_ids"], batch["labels"])
+    return prompts_from_labels(batch[columns[0]], batch[columns[1]])
 
 
 def cut_after_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -283,13 +288,43 @@ class GenerationStats:
         return time.perf_counter() - self.window_started if self.window_started is not None else 0.0
 
 
+class SameTokenizerRows:
+    """How generated completions become training rows when teacher and student share the tokenizer: both models
+    generate from the batch's prompt ids, and a row is ``prompt + completion`` (:func:`build_completion_batch`,
+    packed again when ``packing_max_length`` is not None)."""
+
+    def __init__(self, tokenizer, pad_token_id: int, vocab_size: int | None = None,
+                 packing_max_length: int | None = None):
+        self.tokenizer, self.pad_token_id, self.vocab_size = tokenizer, pad_token_id, vocab_size
+        self.packing_max_length = packing_max_length
+
+    def prompt_columns(self, role: str) -> tuple[str, str]:
+        """The batch columns (ids, labels) that ``role``'s prompts are read from."""
+        return "input_ids", "labels"
+
+    def generation_side(self, role: str) -> tuple[int, object, int | None]:
+        """``(pad_token_id, tokenizer, vocab_size)`` the generating model ``role`` uses."""
+        return self.pad_token_id, self.tokenizer, self.vocab_size
+
+    def build(self, batch: dict, prompts: list[list[int]], completions: list[list[int]], role: str,
+              eos_ids: list[int]) -> dict:
+        return build_completion_batch(prompts, completions, self.pad_token_id, role,
+                                      packing_max_length=self.packing_max_length)
+
+    def pop_log_metrics(self) -> dict:
+        return {}
+
+    def run_totals(self) -> dict:
+        return {}
+
+
 class CompletionGenerator:
     """Replaces the completions of training micro-batches with the student's samples (a ``lmbda`` fraction) or the
     teacher's generations (``seq_kd``, the others). Built by :meth:`from_config` when either is on."""
 
     def __init__(self, *, lmbda: float, seq_kd: bool, seq_kd_decoding: str, max_new_tokens: int, temperature: float,
                  seed: int, pad_token_id: int, tokenizer, vocab_size: int | None = None, buffer: int = 0,
-                 packing_max_length: int | None = None):
+                 packing_max_length: int | None = None, rows=None):
         if seq_kd_decoding not in SEQ_KD_DECODING:
             raise ValueError(f"seq_kd_decoding must be one of {SEQ_KD_DECODING}, got {seq_kd_decoding!r}.")
         self.lmbda, self.seq_kd, self.seq_kd_decoding = lmbda, seq_kd, seq_kd_decoding
@@ -299,6 +334,9 @@ class CompletionGenerator:
             raise ValueError(f"buffer must be >= 0 (0: every micro-batch of the step in one call), got {buffer}.")
         self.buffer = buffer
         self.packing_max_length = packing_max_length  # not None: generated batches are packed (kd_llm.data.packing)
+        # Where each model's prompts are and how generated rows are built (SameTokenizerRows, or cross-tokenizer).
+        self.rows = rows if rows is not None else SameTokenizerRows(tokenizer, pad_token_id, vocab_size,
+                                                                    packing_max_length)
         self.stats = GenerationStats()
         self.totals = GenerationStats()  # the whole run, for results.json
         # Greedy teacher targets depend on the prompt alone: generate each once, reuse it in every later epoch.
@@ -306,7 +344,7 @@ class CompletionGenerator:
         self._greedy_targets: dict[bytes, np.ndarray] = {}
 
     @classmethod
-    def from_config(cls, args, tokenizer, vocab_size: int | None) -> CompletionGenerator | None:
+    def from_config(cls, args, tokenizer, vocab_size: int | None, rows=None) -> CompletionGenerator | None:
         if args.lmbda == 0 and not args.seq_kd:
             return None
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -314,7 +352,8 @@ class CompletionGenerator:
                    max_new_tokens=args.generation_max_new_tokens, temperature=args.generation_temperature,
                    seed=args.seed, pad_token_id=pad_id, tokenizer=tokenizer, vocab_size=vocab_size,
                    buffer=args.generation_buffer,
-                   packing_max_length=args.packing_max_length if getattr(args, "packing", False) else None)
+                   packing_max_length=args.packing_max_length if getattr(args, "packing", False) else None,
+                   rows=rows)
 
     def source_of(self, step: int, micro_batch: int) -> str | None:
         """``"student"``, ``"teacher"`` or None (keep the dataset's completion) for one micro-batch."""
@@ -332,7 +371,7 @@ class CompletionGenerator:
         if self.stats.window_started is None:
             self.stats.window_started = time.perf_counter()
         sources = [self.source_of(step, index) for index in range(len(batches))]
-        prompts = {index: batch_prompts(batch)
+        prompts = {index: batch_prompts(batch, self.rows.prompt_columns(source))
                    for index, (batch, source) in enumerate(zip(batches, sources)) if source is not None}
         started = time.perf_counter()
         completions: dict[int, list[list[int]]] = {}
@@ -354,8 +393,9 @@ class CompletionGenerator:
                 continue
             self.stats.on_policy_batches += source == STUDENT
             self.stats.seq_kd_batches += source == TEACHER
-            new = build_completion_batch(prompts[index], completions[index], self.pad_token_id, source,
-                                         packing_max_length=self.packing_max_length)
+            new = self.rows.build(batch, prompts[index], completions[index], source,
+                                  self._eos_ids(student if source == STUDENT else teacher, source))
+            new[COMPLETION_SOURCE_KEY] = source
             device = batch["input_ids"].device
             out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in new.items()})
         self.stats.micro_batches += len(batches)
@@ -374,15 +414,19 @@ class CompletionGenerator:
             seed_groups.append((len(rows), len(rows) + len(prompts[index]),
                                 generation_seed(self.seed, step, index, process_index, role)))
             rows.extend(prompts[index])
-        generated = self._generate(model, rows, do_sample=True, seed=None, seed_groups=seed_groups)
+        generated = self._generate(model, rows, role, do_sample=True, seed=None, seed_groups=seed_groups)
         return {index: generated[start:stop] for index, (start, stop, _) in zip(group, seed_groups)}
 
-    def _generate(self, model, prompts, *, do_sample: bool, seed: int | None,
+    def _eos_ids(self, model, role: str) -> list[int]:
+        return eos_ids_of(model, self.rows.generation_side(role)[1])
+
+    def _generate(self, model, prompts, role: str, *, do_sample: bool, seed: int | None,
                   seed_groups: list[tuple[int, int, int]] | None = None) -> list[list[int]]:
-        completions = generate_completions(model, prompts, pad_token_id=self.pad_token_id,
-                                           eos_ids=eos_ids_of(model, self.tokenizer),
+        pad_token_id, _, vocab_size = self.rows.generation_side(role)
+        completions = generate_completions(model, prompts, pad_token_id=pad_token_id,
+                                           eos_ids=self._eos_ids(model, role),
                                            max_new_tokens=self.max_new_tokens, do_sample=do_sample,
-                                           temperature=self.temperature, seed=seed, vocab_size=self.vocab_size,
+                                           temperature=self.temperature, seed=seed, vocab_size=vocab_size,
                                            seed_groups=seed_groups)
         self.stats.tokens += sum(len(c) for c in completions)  # what was generated (memoised targets cost nothing)
         self.stats.generate_calls += 1
@@ -402,7 +446,8 @@ class CompletionGenerator:
             per_call = self.buffer * max(len(prompts[i]) for i in group) if self.buffer else len(keys)
             for start in range(0, len(keys), per_call):
                 chunk = keys[start:start + per_call]
-                written = self._generate(teacher, [missing[key] for key in chunk], do_sample=False, seed=None)
+                written = self._generate(teacher, [missing[key] for key in chunk], TEACHER, do_sample=False,
+                                         seed=None)
                 for key, completion in zip(chunk, written):
                     self._greedy_targets[key] = np.asarray(completion, dtype=np.int32)
         return {index: [self._greedy_targets[np.asarray(p, dtype=np.int32).tobytes()].tolist() for p in prompts[index]]
@@ -415,6 +460,10 @@ class CompletionGenerator:
                      "generate_calls"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(self.stats, name))
         self.stats = GenerationStats()
+        extra = self.rows.pop_log_metrics()  # e.g. the cross-tokenizer samples that could not be aligned
+        if summary and extra:
+            means = reduce(torch.tensor([float(v) for v in extra.values()], dtype=torch.float32)).tolist()
+            summary.update({name: round(value, 4) for name, value in zip(extra, means)})
         return summary
 
     def run_totals(self) -> dict[str, float]:
@@ -422,5 +471,5 @@ class CompletionGenerator:
         totals = self.totals
         return {"generation_seconds": round(totals.seconds, 2), "generated_tokens": totals.tokens,
                 "on_policy_batches": totals.on_policy_batches, "seq_kd_batches": totals.seq_kd_batches,
-                "micro_batches": totals.micro_batches}
+                "micro_batches": totals.micro_batches, **self.rows.run_totals()}
 
