@@ -99,8 +99,7 @@ def test_a_plain_dataset_is_refused_at_the_first_batch_with_the_fix(tmp_path):
     ({"teacher_cache": "somewhere"}, "teacher_cache is not supported with cross_tokenizer_loss"),
     ({"precompute_teacher_logits": True}, "precompute_teacher_logits is not supported"),
     ({"hidden_weight": 1.0}, "hidden_weight is not supported"),
-    ({"lmbda": 0.5}, "lmbda is not supported"),
-    ({"seq_kd": True}, "seq_kd is not supported"),
+    ({"packing": True}, "packing is not supported with cross_tokenizer_loss"),
     ({"fused_loss": "true"}, "fused_loss=true is not possible"),
     ({"teacher_url": "http://127.0.0.1:9"}, "teacher_url / teacher_routes are not supported with cross_tokenizer"),
     ({"cross_tokenizer_loss": "dtw"}, "cross_tokenizer_loss must be one of"),
@@ -109,3 +108,9 @@ def test_what_cross_tokenizer_cannot_do_is_refused_in_the_config(tmp_path, setti
     values = {"cross_tokenizer_loss": "hybrid", **setting}
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, **values)
+
+
+def test_on_policy_and_seq_kd_are_accepted_across_tokenizers(tmp_path):
+    for values in ({"lmbda": 0.5}, {"seq_kd": True}, {"seq_kd": True, "alpha": 1.0}):
+        config = make_config(tmp_path, cross_tokenizer_loss="hybrid", **values)
+        assert config.cross_tokenizer_loss == "hybrid"

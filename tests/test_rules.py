@@ -154,6 +154,8 @@ def test_the_memory_estimate_names_the_path_the_trainer_takes(tmp_path, row, cac
     (dict(hidden_weight=1.0), RunShape(teacher="side_process"), "hidden_weight / attention_weight read"),
     (dict(lmbda=0.5), RunShape(teacher="side_process", processes=2), "each rank would need its own side process"),
     (dict(lmbda=0.5), RunShape(mode="ema", teacher="side_process"), "ema mode needs the teacher model itself"),
+    (dict(lmbda=0.5, cross_tokenizer_loss="hybrid"), RunShape(teacher="side_process"),
+     "the side process scores the student's token ids"),
 ])
 def test_teacher_problems(tmp_path, settings, shape, message):
     problems = rules.teacher_problems(config(tmp_path, **settings), shape)

@@ -1,10 +1,12 @@
 """Training data for cross-tokenizer distillation: each record rendered for both models, and their alignment.
 
 A row holds what the student trains on (``input_ids``, ``labels``: exactly what it would train on alone) plus the
-teacher's rendering of the same record and the aligned span id of every token on both sides, in columns named
-``kd_teacher_*`` / ``kd_*_spans`` (:data:`CROSS_TOKENIZER_COLUMNS`). :class:`CrossTokenizerCollator` pads them. Every
-record is aligned when the dataset is built, so bad input (no offsets, text that does not round-trip, an empty
-alignment) stops the run before training, naming the record.
+teacher's rendering of the same record (its ids and labels) and the aligned span id of every token on both sides, in
+columns named ``kd_teacher_*`` / ``kd_*_spans`` (:data:`CROSS_TOKENIZER_COLUMNS`), and the record itself with how it
+was rendered (``kd_record``, JSON), from which a generated completion is rendered again for both models
+(:mod:`kd_llm.cross_tokenizer.generated`). :class:`CrossTokenizerCollator` pads them. Every record is aligned when the
+dataset is built, so bad input (no offsets, text that does not round-trip, an empty alignment) stops the run before
+training, naming the record.
 """
 
 from __future__ import annotations
@@ -12,20 +14,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import json
+
 import torch
 
 from kd_llm.cross_tokenizer.alignment import align_sides
-from kd_llm.cross_tokenizer.rendering import CrossTokenizerDataError, render_side
+from kd_llm.cross_tokenizer.rendering import CrossTokenizerDataError, RenderedSide, render_side
 from kd_llm.data.collator import CausalLMCollator
 
 __all__ = ["CROSS_TOKENIZER_COLUMNS", "CrossTokenizerCollator", "alignment_coverage", "build_cross_tokenizer_dataset",
-           "cross_tokenizer_row"]
+           "cross_tokenizer_row", "read_record", "record_column", "side_row"]
 
 TEACHER_INPUT_IDS = "kd_teacher_input_ids"
 TEACHER_ATTENTION_MASK = "kd_teacher_attention_mask"
+TEACHER_LABELS = "kd_teacher_labels"  # the teacher's own labels: where its prompt ends (seq_kd writes from there)
 STUDENT_SPANS = "kd_student_spans"
 TEACHER_SPANS = "kd_teacher_spans"
-CROSS_TOKENIZER_COLUMNS = (TEACHER_INPUT_IDS, STUDENT_SPANS, TEACHER_SPANS)
+RECORD = "kd_record"  # {"record": ..., "use_chat_template": ...} as JSON: what generated completions answer
+CROSS_TOKENIZER_COLUMNS = (TEACHER_INPUT_IDS, TEACHER_LABELS, STUDENT_SPANS, TEACHER_SPANS)
+
+
+def record_column(record: dict[str, Any], *, use_chat_template: bool) -> str:
+    """The ``kd_record`` value of a row (see :func:`read_record`)."""
+    return json.dumps({"record": record, "use_chat_template": bool(use_chat_template)}, ensure_ascii=False)
+
+
+def read_record(value: str) -> tuple[dict[str, Any], bool]:
+    """``(record, use_chat_template)`` of a ``kd_record`` value."""
+    stored = json.loads(value)
+    return stored["record"], stored["use_chat_template"]
 
 
 def cross_tokenizer_row(record: dict[str, Any], student_tokenizer, teacher_tokenizer, *, use_chat_template: bool,
@@ -33,9 +50,15 @@ def cross_tokenizer_row(record: dict[str, Any], student_tokenizer, teacher_token
     """One dataset row (see module doc); each side uses its chat template if it has one and ``use_chat_template``."""
     student = render_side(record, student_tokenizer, use_chat_template=use_chat_template, max_length=max_length)
     teacher = render_side(record, teacher_tokenizer, use_chat_template=use_chat_template, max_length=max_length)
+    return side_row(student, teacher) | {RECORD: record_column(record, use_chat_template=use_chat_template)}
+
+
+def side_row(student: RenderedSide, teacher: RenderedSide) -> dict[str, list[int]]:
+    """The columns of one row from its two renderings (aligned here; raises :class:`CrossTokenizerDataError`)."""
     alignment = align_sides(student, teacher)
     return {"input_ids": student.input_ids, "labels": student.labels, TEACHER_INPUT_IDS: teacher.input_ids,
-            STUDENT_SPANS: alignment.student_spans, TEACHER_SPANS: alignment.teacher_spans}
+            TEACHER_LABELS: teacher.labels, STUDENT_SPANS: alignment.student_spans,
+            TEACHER_SPANS: alignment.teacher_spans}
 
 
 def build_cross_tokenizer_dataset(records: list[dict[str, Any]], student_tokenizer, teacher_tokenizer, *,
@@ -81,7 +104,8 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 @dataclass
 class CrossTokenizerCollator:
     """The student's batch (:class:`CausalLMCollator`) plus the teacher's ids (right-padded with its pad id), its
-    attention mask, and both sides' span ids (padded with -1)."""
+    attention mask and labels (-100), both sides' span ids (padded with -1), and the rows' ``kd_record`` strings
+    when the rows have them (a list, for re-rendering generated completions)."""
 
     pad_token_id: int
     teacher_pad_token_id: int
@@ -100,6 +124,9 @@ class CrossTokenizerCollator:
         teacher_ids = [f[TEACHER_INPUT_IDS] for f in features]
         batch[TEACHER_INPUT_IDS] = _pad(teacher_ids, self.teacher_pad_token_id)
         batch[TEACHER_ATTENTION_MASK] = _pad([[1] * len(ids) for ids in teacher_ids], 0)
+        batch[TEACHER_LABELS] = _pad([f[TEACHER_LABELS] for f in features], -100)
         batch[STUDENT_SPANS] = _pad([f[STUDENT_SPANS] for f in features], -1)
         batch[TEACHER_SPANS] = _pad([f[TEACHER_SPANS] for f in features], -1)
+        if RECORD in features[0]:
+            batch[RECORD] = [f[RECORD] for f in features]
         return batch

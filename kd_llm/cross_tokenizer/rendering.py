@@ -28,7 +28,7 @@ from typing import Any
 from kd_llm.data.formatting import (IGNORE_INDEX, PLAIN_SEPARATOR, DataFormatError, _as_messages, format_record,
                                     record_shape)
 
-__all__ = ["CrossTokenizerDataError", "RenderedSide", "render_side", "supervised_text"]
+__all__ = ["CrossTokenizerDataError", "RenderedSide", "record_with_text", "render_side", "supervised_text"]
 
 
 class CrossTokenizerDataError(DataFormatError):
@@ -79,6 +79,22 @@ def supervised_text(record: dict[str, Any]) -> str:
             "records, or messages that end with exactly one assistant turn."
         )
     return turns[0]["content"]
+
+
+def record_with_text(record: dict[str, Any], text: str) -> dict[str, Any]:
+    """``record`` with its supervised text (:func:`supervised_text`) replaced by ``text``: a generated completion
+    (the student's sample, the teacher's writing) in the shape of the record it answers, so that each model renders
+    it with its own chat template exactly as it renders the dataset's completion."""
+    supervised_text(record)  # the same checks: one supervised text per record
+    shape = record_shape(record)
+    if shape == "text":
+        return {**record, "text": text}
+    if shape == "prompt_completion":
+        completion = record["completion"]
+        new = text if isinstance(completion, str) else [{**completion[0], "content": text}]
+        return {**record, "completion": new}
+    messages = list(record["messages"])
+    return {**record, "messages": messages[:-1] + [{**messages[-1], "content": text}]}
 
 
 def _offsets(tokenizer, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
@@ -175,11 +191,13 @@ def _cuts(labels: list[int], offsets: list[tuple[int, int]], start: int, n: int,
 
 
 def render_side(record: dict[str, Any], tokenizer, *, use_chat_template: bool,
-                max_length: int | None = None) -> RenderedSide:
+                max_length: int | None = None, allow_empty: bool = False) -> RenderedSide:
     """Render ``record`` for ``tokenizer`` (its chat template if ``use_chat_template`` and it has one, else plain
-    text) and locate its supervised tokens in the supervised text. Raises :class:`CrossTokenizerDataError`."""
+    text) and locate its supervised tokens in the supervised text. Raises :class:`CrossTokenizerDataError`.
+    ``allow_empty``: an empty supervised text is allowed (a generated completion that stops at once: only its end
+    markup is supervised); a dataset's record must have text."""
     text = supervised_text(record)
-    if not text:
+    if not text and not allow_empty:
         raise CrossTokenizerDataError("the supervised text is empty, so there is nothing to align.")
     _check_round_trip(tokenizer, text)
     chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None)) and record_shape(record) != "text"

@@ -134,8 +134,6 @@ def cross_tokenizer_config_problems(config) -> list[str]:
         "hidden_weight": "hidden-state terms pair student and teacher positions one to one, which two tokenizers "
                          "do not share",
         "attention_weight": "attention-map terms pair positions one to one, which two tokenizers do not share",
-        "lmbda": "on-policy samples would have to be decoded and re-tokenised for the teacher, not supported yet",
-        "seq_kd": "teacher-written completions would have to be re-tokenised for the student, not supported yet",
         "packing": "packed rows would mix several examples' teacher renderings and span ids, not supported",
     }
     for name, reason in reasons.items():
@@ -199,6 +197,9 @@ def side_process_problems(config, shape: RunShape) -> list[str]:
     if config.precompute_teacher_logits:
         problems.append("for stored teacher outputs use teacher_cache (scripts/cache_teacher.py), not "
                         "precompute_teacher_logits")
+    if getattr(config, "cross_tokenizer_loss", None):
+        problems.append("with cross_tokenizer_loss the teacher reads its own rendering of each record, but the side "
+                        "process scores the student's token ids: pass the teacher model itself")
     if shape.mode != "offline":
         problems.append(f"the {shape.mode} mode needs the teacher model itself (ensemble, online or EMA teacher)")
     return problems

@@ -9,6 +9,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.cross_tokenizer.data import CrossTokenizerCollator
+from kd_llm.cross_tokenizer.generated import CrossTokenizerRows
 from kd_llm.cross_tokenizer.teacher import cross_tokenizer_settings
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.data.packing import PackingCollator, packing_attention_problem
@@ -99,7 +100,7 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             raise ValueError("packing=True packs batches with kd_llm.data.packing.PackingCollator: leave "
                              "data_collator unset (or pass a PackingCollator), or set packing=False.")
         self.cross_tokenizer = None
-        if args.cross_tokenizer_loss is not None and teacher_model is not None and args.alpha < 1:
+        if args.cross_tokenizer_loss is not None and teacher_model is not None and (args.alpha < 1 or args.seq_kd):
             # Another tokenizer: checked (offsets, pads, shared vocabulary) now, before any work.
             self.cross_tokenizer = cross_tokenizer_settings(
                 args.cross_tokenizer_loss, tokenizer, teacher_tokenizer if teacher_tokenizer is not None else tokenizer,
@@ -169,7 +170,11 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         if args.precompute_teacher_logits and self.teacher is not None and self.train_dataset is not None:
             self.teacher_logits = self._precompute_teacher_logits()
         # lmbda / seq_kd: completions regenerated per micro-batch in get_batch_samples (kd_llm.training.on_policy).
-        self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size)
+        # Across tokenizers each completion is decoded and rendered again for both models (kd_llm.cross_tokenizer).
+        rows = None if self.cross_tokenizer is None else CrossTokenizerRows(
+            tokenizer, teacher_tokenizer if teacher_tokenizer is not None else tokenizer)
+        self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size,
+                                                                    rows=rows)
         # The one target every batch goes through, chosen now (kd_llm.training.targets.choose).
         self.target: TeacherTarget = choose_target(self._target_sources())
 

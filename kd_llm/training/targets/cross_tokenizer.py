@@ -3,8 +3,9 @@
 The batch carries the teacher's own rendering of each record and both sides' aligned span ids
 (:mod:`kd_llm.cross_tokenizer.data`, in ``batch.side_inputs``); the teacher runs on its ids and the loss compares
 the two models span by span (:mod:`kd_llm.cross_tokenizer.objective`: hybrid, ULD or span likelihoods). Dense
-logits only; dataset and evaluation batches; not on-policy samples or seq_kd completions (their re-tokenisation is
-not built), which the rule book refuses before training.
+logits only. It serves dataset, evaluation and generated batches alike: the student's on-policy samples and the
+teacher's seq_kd completions arrive with the same columns, each completion's text rendered again for both models and
+aligned (:mod:`kd_llm.cross_tokenizer.generated`), and the teacher it holds writes the seq_kd completions.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from kd_llm.training.targets.base import KDBatch, LossRequest, TeacherTarget, st
 
 class CrossTokenizer(TeacherTarget):
     fused = False
-    scores_generated = False
-    writes_completions = False
+    scores_generated = True
+    writes_completions = True
 
     def __init__(self, teacher, settings: CrossTokenizerSettings):
         self.teacher, self.settings = teacher, settings
