@@ -26,6 +26,10 @@ from tests.helpers.training import max_difference, params
 from tests.test_cross_tokenizer_trainer import tiny_gemma3
 
 
+def real_pair():
+    return packaged_tokenizer("smollm2-135m-instruct"), packaged_tokenizer("gemma3-270m")
+
+
 def no_specials(model, tokenizer, eos_bias: float = 0.0):
     """``model`` that never emits a special token but EOS (bias -30 on their logits; EOS gets ``eos_bias``), so its
     generations are plain text that any tokenizer reads, ending at different lengths."""
@@ -63,7 +67,7 @@ def pieces(tokenizer, text):
 @pytest.mark.parametrize("text", REAL_TEXTS)
 @pytest.mark.parametrize("ended", [True, False])
 def test_a_students_sample_re_tokenised_for_the_teacher_is_aligned_over_its_whole_completion(text, ended):
-    student_tokenizer, teacher_tokenizer = packaged_tokenizer("smollm2-135m-instruct"), packaged_tokenizer("gemma3-270m")
+    student_tokenizer, teacher_tokenizer = real_pair()
     record = {"prompt": "Copy this sentence:", "completion": "(the dataset's answer)"}
     prompt = render_side(record, student_tokenizer, use_chat_template=True)
     prompt_ids = prompt.input_ids[: next(i for i, label in enumerate(prompt.labels) if label != -100)]
@@ -103,7 +107,7 @@ def test_a_students_sample_re_tokenised_for_the_teacher_is_aligned_over_its_whol
 @needs_smollm2
 @pytest.mark.parametrize("text", REAL_TEXTS[:2])
 def test_teacher_written_text_is_rendered_for_the_student_and_for_the_teacher_again(text):
-    student_tokenizer, teacher_tokenizer = packaged_tokenizer("smollm2-135m-instruct"), packaged_tokenizer("gemma3-270m")
+    student_tokenizer, teacher_tokenizer = real_pair()
     record = {"prompt": "Copy this sentence:", "completion": "(the dataset's answer)"}
     written = pieces(teacher_tokenizer, text) + [teacher_tokenizer.eos_token_id]  # not Gemma's canonical tokens
     rows = CrossTokenizerRows(student_tokenizer, teacher_tokenizer)
@@ -271,7 +275,7 @@ def test_resumed_cross_tokenizer_on_policy_run_ends_where_the_full_run_does(tmp_
 @pytest.mark.parametrize("settings", [dict(lmbda=0.5), dict(seq_kd=True, seq_kd_decoding="sample")],
                          ids=["lmbda=0.5", "seq_kd"])
 def test_real_tokenizers_train_on_generated_completions(tmp_path, settings):
-    student_tokenizer, teacher_tokenizer = packaged_tokenizer("smollm2-135m-instruct"), packaged_tokenizer("gemma3-270m")
+    student_tokenizer, teacher_tokenizer = real_pair()
     records = [{"prompt": "Copy this sentence:", "completion": text} for text in REAL_TEXTS]
     dataset = build_cross_tokenizer_dataset(records, student_tokenizer, teacher_tokenizer, max_length=64)
     teacher = tiny_gemma3(len(teacher_tokenizer))
@@ -302,3 +306,22 @@ def test_real_tokenizers_train_on_generated_completions(tmp_path, settings):
     totals = trainer.completion_generator.run_totals()
     assert totals["on_policy_batches" if "lmbda" in settings else "seq_kd_batches"] > 0
     assert max_difference(before, params(teacher)) == 0 and not teacher.training
+
+
+def test_a_training_set_that_cannot_serve_generated_completions_is_refused_before_training(tmp_path, char_tokenizer):
+    other = build_char_tokenizer()
+
+    def build(dataset, **settings):
+        return DistillationTrainer(model=tiny_llama(len(char_tokenizer)), teacher_model=tiny_llama(len(other)),
+                                   args=make_config(tmp_path, cross_tokenizer_loss="hybrid", **settings),
+                                   train_dataset=dataset, processing_class=char_tokenizer, teacher_tokenizer=other)
+
+    texts = build_cross_tokenizer_dataset([{"text": "12 ab"}, {"text": "cd"}], char_tokenizer, other)
+    with pytest.raises(ValueError, match="record 0 has no prompt in the student's rendering"):
+        build(texts, lmbda=0.5)
+    with pytest.raises(ValueError, match="record 0 has no prompt in the teacher's rendering .* nothing to write"):
+        build(texts, seq_kd=True)
+    records = build_cross_tokenizer_dataset(load_records("date_arithmetic", size=4, seed=1), char_tokenizer, other)
+    with pytest.raises(ValueError, match="no kd_record column"):
+        build(records.remove_columns(RECORD), lmbda=0.5)
+    assert build(records.remove_columns(RECORD)).completion_generator is None  # dataset batches need no record

@@ -34,7 +34,8 @@ from kd_llm.cross_tokenizer.data import (RECORD, STUDENT_SPANS, TEACHER_INPUT_ID
 from kd_llm.cross_tokenizer.rendering import RenderedSide, record_with_text, render_side
 from kd_llm.data.formatting import IGNORE_INDEX, DataFormatError
 
-__all__ = ["CrossTokenizerRows", "UnalignedSample", "decoded_text", "sampled_side", "without_end"]
+__all__ = ["CrossTokenizerRows", "UnalignedSample", "decoded_text", "generation_problem", "sampled_side",
+           "without_end"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,26 @@ def without_end(side: RenderedSide) -> RenderedSide:
                  if (isinstance(cut, int) and cut == end) or (isinstance(cut, tuple) and cut[0] == "trailing")),
                 len(side.cuts))
     return RenderedSide(side.input_ids[:stop], side.labels[:stop], side.text, side.cuts[:stop])
+
+
+def generation_problem(dataset, *, student_samples: bool, teacher_writes: bool) -> str | None:
+    """Why a cross-tokenizer training set cannot serve generated completions (None: it can), checked before
+    training: each record must be there to render again, and each generating model needs a prompt to write from
+    (a row supervised from its first token has none)."""
+    if dataset is None or not hasattr(dataset, "column_names"):
+        return None
+    if RECORD not in dataset.column_names:
+        return (f"the training set has no {RECORD} column, which on-policy / seq_kd batches across tokenizers render "
+                "again: build it with kd_llm.cross_tokenizer.data.build_cross_tokenizer_dataset")
+    for role, on, column in ((STUDENT, student_samples, "labels"), (TEACHER, teacher_writes, TEACHER_LABELS)):
+        if not on:
+            continue
+        for index, labels in enumerate(dataset[column]):
+            if not labels or labels[0] != IGNORE_INDEX:
+                return (f"record {index} has no prompt in the {role}'s rendering (it is supervised from its first "
+                        f"token), so the {role} has nothing to {'sample' if role == STUDENT else 'write'} from: "
+                        "lmbda / seq_kd need prompt/completion or chat records")
+    return None
 
 
 class CrossTokenizerRows:

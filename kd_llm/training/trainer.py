@@ -9,7 +9,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from kd_llm.cross_tokenizer.data import CrossTokenizerCollator
-from kd_llm.cross_tokenizer.generated import CrossTokenizerRows
+from kd_llm.cross_tokenizer.generated import CrossTokenizerRows, generation_problem
 from kd_llm.cross_tokenizer.teacher import cross_tokenizer_settings
 from kd_llm.data.collator import CausalLMCollator
 from kd_llm.data.packing import PackingCollator, packing_attention_problem
@@ -171,8 +171,13 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
             self.teacher_logits = self._precompute_teacher_logits()
         # lmbda / seq_kd: completions regenerated per micro-batch in get_batch_samples (kd_llm.training.on_policy).
         # Across tokenizers each completion is decoded and rendered again for both models (kd_llm.cross_tokenizer).
-        rows = None if self.cross_tokenizer is None else CrossTokenizerRows(
-            tokenizer, teacher_tokenizer if teacher_tokenizer is not None else tokenizer)
+        rows = None
+        if self.cross_tokenizer is not None and (args.lmbda > 0 or args.seq_kd):
+            problem = generation_problem(self.train_dataset, student_samples=args.lmbda > 0,
+                                         teacher_writes=args.seq_kd and args.lmbda < 1)
+            if problem:
+                raise ValueError(f"lmbda / seq_kd with cross_tokenizer_loss cannot use this training set: {problem}.")
+            rows = CrossTokenizerRows(tokenizer, teacher_tokenizer if teacher_tokenizer is not None else tokenizer)
         self.completion_generator = CompletionGenerator.from_config(args, self.processing_class, self.kd_vocab_size,
                                                                     rows=rows)
         # The one target every batch goes through, chosen now (kd_llm.training.targets.choose).
