@@ -5,4 +5,5 @@
 * ``shared_vocab``: the tokens both vocabularies have (same surface string), for the hybrid loss;
 * ``losses``: ULD, the shared-vocabulary hybrid and span (chain-rule) likelihood matching, per aligned span;
 * ``objective``: alpha * the student's CE + (1 - alpha) * one of those losses, normalised like the same-tokenizer one.
+* ``generated``: on-policy samples and seq_kd completions decoded and rendered again for both models, then aligned.
 """

@@ -20,7 +20,8 @@ The targets (one module each):
 - ``side_process_hidden``: :class:`SideProcessHidden`, a TeacherProcess shipping final hidden states, fused;
 - ``ensemble``: :class:`EnsembleMixture`, the mixture of several frozen teachers, live;
 - ``served``: :class:`ServedTeacher`, a served teacher's top-k over HTTP (kd_llm.serving), on the sparse loss;
-- ``cross_tokenizer``: :class:`CrossTokenizer`, a live teacher with another tokenizer, compared over aligned spans;
+- ``cross_tokenizer``: :class:`CrossTokenizer`, a live teacher with another tokenizer, compared over aligned spans
+  (dataset, evaluation and generated batches; it writes seq_kd completions);
 - ``routed``: :class:`Routed(primary, fallback)`: a stored target serves training batches of the dataset, a live or
   side-process teacher the rest (evaluation, generated completions).
 
