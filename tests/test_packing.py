@@ -14,6 +14,7 @@ from kd_llm.data.packing import (
     model_inputs,
     pack_shifted,
     packing_attention_problem,
+    supervised_order,
     unpack,
 )
 from tests.conftest import CHAR_VOCAB, tiny_llama
@@ -131,6 +132,31 @@ def test_pack_shifted_lays_per_example_targets_into_packed_rows():
     # Every position packing masks (a boundary or padding) is filled, and carries no label.
     filled = (laid == -1.0).all(-1)
     assert (shifted_labels[filled] == IGNORE_INDEX).all()
+
+
+def test_supervised_order_lays_stored_per_example_rows_onto_the_packed_supervised_positions():
+    """A store of teacher targets holds each example's supervised rows contiguously (precomputed logits, the top-k and
+    hidden-state caches); concatenated in supervised_order, they land where pack_shifted lays the padded targets."""
+    features = examples([5, 9, 3, 12, 7, 2, 8])
+    for feature, row in zip(features, [40, 3, 17, 8, 25, 11, 0]):
+        feature["cache_index"] = row  # rows of the training set, not positions in the batch
+    packed = PackingCollator(0, max_length=16, passthrough_keys=("cache_index",))(features)
+    padded = CausalLMCollator(0, passthrough_keys=("cache_index",))(features)
+    per_example = torch.randn(len(features), padded["input_ids"].shape[1] - 1, 3)
+    padded_shifted = padded["labels"][:, 1:]
+    stored = {f["cache_index"]: per_example[e][padded_shifted[e] != IGNORE_INDEX] for e, f in enumerate(features)}
+
+    assert supervised_order(padded["cache_index"], padded_shifted) == (
+        [f["cache_index"] for f in features], [len(stored[f["cache_index"]]) for f in features])
+    shifted = packed["labels"][:, 1:]
+    order, counts = supervised_order(packed["cache_index"], shifted, packed[PACKED_EXAMPLE_KEY])
+    assert sorted(order) == sorted(stored) and order != packed["cache_index"].tolist()  # best-fit reordered them
+    assert counts == [len(stored[row]) for row in order]
+    supervised = shifted != IGNORE_INDEX
+    laid = torch.zeros(*shifted.shape, 3)
+    laid[supervised] = torch.cat([stored[row] for row in order])
+    expected = pack_shifted(per_example, packed[PACKED_EXAMPLE_KEY], packed["position_ids"])
+    torch.testing.assert_close(laid[supervised], expected[supervised], rtol=0, atol=0)
 
 
 def test_flash_attention_is_named_as_unable_to_isolate_packed_rows():

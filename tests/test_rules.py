@@ -60,6 +60,16 @@ TABLE = [
      "dense"),
     (dict(fused_loss="auto", teacher_cache="HIDDEN", teacher_cache_format="hidden_states"),
      RunShape(sharded=True, processes=2), "dense"),
+    # Packed batches read every stored target (re-laid per example): the same paths as padded ones.
+    (dict(fused_loss="auto", precompute_teacher_logits=True, packing=True), RunShape(), "dense"),
+    (dict(fused_loss="true", precompute_teacher_logits=True, packing=True), RunShape(),
+     "precompute_teacher_logits serves"),
+    (dict(fused_loss="auto", teacher_cache="CACHE", packing=True), RunShape(teacher="none"), "fused"),
+    (dict(fused_loss="false", teacher_cache="CACHE", packing=True), RunShape(teacher="none"), "dense"),
+    (dict(fused_loss="auto", teacher_cache="HIDDEN", teacher_cache_format="hidden_states", packing=True),
+     RunShape(teacher="none"), "fused"),
+    (dict(fused_loss="false", teacher_cache="HIDDEN", teacher_cache_format="hidden_states", packing=True),
+     RunShape(teacher="none"), "dense"),
 ]
 BUILDABLE = [row for row in TABLE
              if not row[1].sharded and row[1].teacher != "side_process" and "teacher_url" not in row[0]]
@@ -145,6 +155,14 @@ def test_the_memory_estimate_names_the_path_the_trainer_takes(tmp_path, row, cac
     assert trainer.run_shape == shape
     estimate = estimate_for_run(student, teacher, args, sequence_length=16, shape=trainer.run_shape)
     assert estimate.loss_path == ("fused" if trainer.fused_loss else "dense") == expected
+    if args.packing:  # the trainer packs, and the estimate says so beside the path and the stored target it reads
+        from kd_llm.data.packing import PackingCollator
+
+        assert isinstance(trainer.data_collator, PackingCollator)
+        assert f"float32, {expected} loss, " in estimate.format()
+        assert any(note.startswith("packing: bounded by 4 rows") for note in estimate.notes)
+        if args.teacher_cache:
+            assert any(note.startswith("teacher_cache: the KD term reads") for note in estimate.notes)
 
 
 @pytest.mark.parametrize("settings, shape, message", [
@@ -215,16 +233,21 @@ def test_bad_run_shapes_are_refused():
         RunShape(teacher="somewhere")
 
 
-@pytest.mark.parametrize("settings, named", [
-    (dict(precompute_teacher_logits=True), "precompute_teacher_logits"), (dict(teacher_cache="c"), "teacher_cache"),
-])
-def test_packing_refuses_the_targets_laid_out_per_padded_example(tmp_path, settings, named):
-    with pytest.raises(ValueError, match=f"packing=True cannot be combined with {named} yet"):
-        config(tmp_path, packing=True, **settings)
-    assert rules.packing_problems(config(tmp_path, **settings)) == []
-
-
 @pytest.mark.parametrize("settings", [dict(lmbda=0.5), dict(seq_kd=True), dict(lmbda=0.5, seq_kd=True)])
 def test_packing_takes_on_policy_and_seq_kd(tmp_path, settings):
     """Generated completions are packed too (kd_llm.training.on_policy; exactness: tests/test_packed_generation)."""
     assert rules.packing_problems(config(tmp_path, packing=True, **settings)) == []
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(precompute_teacher_logits=True), "precompute_teacher_logits"), (dict(teacher_cache="c"), "teacher_cache"),
+    (dict(teacher_cache="c", teacher_cache_format="hidden_states"), "teacher_cache"),
+])
+def test_packing_takes_stored_teacher_targets_of_whole_examples(tmp_path, settings, named):
+    """Stored targets are re-laid into packed rows example by example (the loss paths: the table above), so an
+    example cut by packing_overlong=truncate, which they cover whole, is refused."""
+    assert rules.packing_problems(config(tmp_path, packing=True, **settings)) == []
+    with pytest.raises(ValueError, match=f"packing_overlong=truncate would cut examples whose stored teacher targets "
+                                         f"\\({named}\\) cover them whole"):
+        config(tmp_path, packing=True, packing_overlong="truncate", **settings)
+    assert rules.packing_problems(config(tmp_path, packing=True, packing_overlong="truncate")) == []

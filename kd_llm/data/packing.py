@@ -15,7 +15,11 @@ A packed batch (what :class:`PackingCollator` returns) holds
 - ``packed_example_ids`` (:data:`PACKED_EXAMPLE_KEY`) ``[R, L]``: which example (0..N-1, in the order the
   collator received them) each token belongs to, -1 on padding. The trainer pops it before any forward; it gives
   the valid-token mask, the per-example attention blocks of the feature terms, and the re-layout of per-example
-  teacher targets (:func:`pack_shifted`). A pass-through key such as the cache index stays ``[N]`` in that order;
+  teacher targets (:func:`pack_shifted`). A pass-through key such as the cache index stays ``[N]`` in that order,
+  so ``example_index[packed_example_ids]`` is each token's row of the training set (-1 aside);
+- stored teacher targets (precomputed logits, the top-k and hidden-state caches) keep each example's rows
+  contiguous, in position order; :func:`supervised_order` says in which order of examples, and with how many rows
+  each, they lay into a padded or packed batch's supervised positions;
 - with ``prompt_starts=True`` (on-policy and seq_kd runs), ``kd_prompt_starts`` (:data:`PROMPT_START_KEY`) ``[N]``:
   where each example's first supervised label is (its prompt's length), which the packed labels no longer tell when
   an example is supervised from its first token (that label is masked). The generator reads it
@@ -174,6 +178,29 @@ def pack_shifted(per_example: Tensor, example_ids: Tensor, position_ids: Tensor,
     out = per_example[rows, positions]
     mask = inside.reshape(*inside.shape, *([1] * (per_example.dim() - 2)))
     return torch.where(mask, out, torch.as_tensor(fill, dtype=out.dtype, device=out.device))
+
+
+def supervised_order(example_index: Tensor, shifted_labels: Tensor,
+                     example_ids: Tensor | None = None) -> tuple[list[int], list[int]]:
+    """The batch's examples (their ``example_index`` entries: rows of the training set) in the order a loss meets
+    their supervised positions (row-major over ``shifted_labels != -100``), and how many each has in the batch.
+
+    Stored teacher targets hold each example's supervised positions contiguously and in order, so concatenating
+    them example by example in this order lays them onto the batch's supervised positions: padded (``example_ids``
+    None: one example per row), or packed (each row holds whole examples, one after the other, and every
+    supervised position lies inside one example: the label on an example's first token is masked)."""
+    supervised = shifted_labels != IGNORE_INDEX
+    if example_ids is None:
+        return example_index.tolist(), supervised.sum(-1).tolist()
+    count = example_index.shape[0]
+    flat = example_ids.reshape(-1)
+    real = flat >= 0
+    first = torch.full((count,), flat.numel(), dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(0, flat[real], torch.arange(flat.numel(), device=flat.device)[real], "amin")
+    order = torch.argsort(first).cpu()
+    # A shifted label is supervised only inside one example (boundaries are masked): it belongs to its position's.
+    counts = torch.bincount(example_ids[:, :-1][supervised].cpu(), minlength=count)
+    return example_index.cpu()[order].tolist(), counts[order].tolist()
 
 
 def unpack(packed: Tensor, example_ids: Tensor, count: int | None = None) -> list[Tensor]:

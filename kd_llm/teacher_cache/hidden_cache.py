@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kd_llm.data.packing import supervised_order
 from kd_llm.models.lm_head import TeacherHead, final_hidden_states
 from kd_llm.teacher_cache.hidden_codec import (
     DEFAULT_HIDDEN_DTYPE,
@@ -161,9 +162,12 @@ class HiddenStateCache:
                                self.metadata.hidden_dtype)
         return states if device is None else states.to(device)
 
-    def gather(self, example_index: torch.Tensor, shifted_labels: torch.Tensor, *, device=None) -> torch.Tensor:
+    def gather(self, example_index: torch.Tensor, shifted_labels: torch.Tensor, *, device=None,
+               packed_example_ids: torch.Tensor | None = None) -> torch.Tensor:
         """States for a batch: rows of the examples ``example_index`` in the order the fused loss selects valid
-        positions (row-major over ``shifted_labels != -100``). A count that differs from the cache is an error."""
-        examples = example_index.tolist()
-        check_batch_positions(self.offsets, self.metadata, examples, shifted_labels)
+        positions (row-major over ``shifted_labels != -100``), in a padded batch or, with ``packed_example_ids``, a
+        packed one (:func:`kd_llm.data.packing.supervised_order`). A count that differs from the cache is an
+        error."""
+        examples, counts = supervised_order(example_index, shifted_labels, packed_example_ids)
+        check_batch_positions(self.offsets, self.metadata, examples, counts)
         return self.states_for(examples, device=device)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
+from kd_llm.data.packing import supervised_order
 from kd_llm.losses.sparse import SparseTargets
 from kd_llm.teacher_cache.codec import decode_rows
 from kd_llm.teacher_cache.metadata import (
@@ -110,10 +111,10 @@ def example_offsets(path: Path, metadata: CacheMetadata, example_columns: list) 
 
 
 def check_batch_positions(offsets: np.ndarray, metadata: CacheMetadata, examples: list[int],
-                          shifted_labels: torch.Tensor) -> None:
-    """Refuse a batch whose examples are not in the cache or whose supervised positions differ from it."""
-    valid = (shifted_labels != -100).sum(dim=-1).tolist()
-    for index, count in zip(examples, valid):
+                          counts: list[int]) -> None:
+    """Refuse a batch whose examples are not in the cache or whose supervised positions (``counts``, per example)
+    differ from it."""
+    for index, count in zip(examples, counts):
         if not 0 <= index < metadata.num_examples:
             raise TeacherCacheError(f"Example {index} is not in the teacher cache ({metadata.num_examples} "
                                     "examples).")
@@ -195,9 +196,11 @@ class TeacherCache:
         targets = SparseTargets(ids, log_probs, log_tail, self.temperature)
         return targets if device is None else targets.to(device)
 
-    def gather(self, cache_index: torch.Tensor, shifted_labels: torch.Tensor, *, device=None) -> SparseTargets:
+    def gather(self, cache_index: torch.Tensor, shifted_labels: torch.Tensor, *, device=None,
+               packed_example_ids: torch.Tensor | None = None) -> SparseTargets:
         """Targets for a batch: rows of the examples ``cache_index`` in the order the losses select valid positions
-        (row-major over ``shifted_labels != -100``). A count that differs from the cache is an error."""
-        examples = cache_index.tolist()
-        check_batch_positions(self.offsets, self.metadata, examples, shifted_labels)
+        (row-major over ``shifted_labels != -100``), in a padded batch or, with ``packed_example_ids``, a packed one
+        (:func:`kd_llm.data.packing.supervised_order`). A count that differs from the cache is an error."""
+        examples, counts = supervised_order(cache_index, shifted_labels, packed_example_ids)
+        check_batch_positions(self.offsets, self.metadata, examples, counts)
         return self.targets_for(examples, device=device)

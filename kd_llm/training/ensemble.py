@@ -104,7 +104,7 @@ class EnsembleDistillationTrainer(DistillationTrainer):
         mixture, offsets = LogProbMixture(self.ensemble.mixture, args.temperature, self.kd_vocab_size), None
         for index, weight in enumerate(self.ensemble.weights):
             store = PrecomputedTeacherLogits.build(
-                self._load_member(index), self.train_dataset, self.data_collator,
+                self._load_member(index), self.train_dataset, self._padded_collator(),
                 batch_size=args.per_device_eval_batch_size, device=self.accelerator.device,
                 disable_progress=args.disable_tqdm,
             )

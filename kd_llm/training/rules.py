@@ -169,17 +169,22 @@ def config_problems(config) -> list[str]:
 
 
 def packing_problems(config) -> list[str]:
-    """The sources of teacher targets that cannot read packed rows (kd_llm.data.packing) yet."""
+    """What packed rows (kd_llm.data.packing) cannot serve. lmbda > 0 and seq_kd: the generated completions are
+    packed too (kd_llm.training.on_policy). Stored targets (precomputed logits, the top-k and hidden-state caches)
+    are re-laid into packed rows example by example (kd_llm.data.packing.supervised_order), so they need every
+    example whole."""
     if not getattr(config, "packing", False):
         return []
-    # lmbda > 0 and seq_kd: the generated completions are packed too (kd_llm.training.on_policy).
-    unsupported = [name for name, on in (("precompute_teacher_logits", config.precompute_teacher_logits),
-                                         ("teacher_cache", bool(config.teacher_cache))) if on]
-    if not unsupported:
-        return []
-    return [f"packing=True cannot be combined with {', '.join(unsupported)} yet (their teacher targets are laid out "
-            "per padded example): set packing=False, and cut padding with "
-            "length_grouping=step or train_sampling_strategy=group_by_length instead"]
+    problems = []
+    stored = [name for name, on in (("precompute_teacher_logits", config.precompute_teacher_logits),
+                                    ("teacher_cache", bool(config.teacher_cache))) if on]
+    cuts = getattr(config, "packing_overlong", "error") == "truncate" and getattr(config, "packing_max_length", 0)
+    if stored and cuts:  # packing_max_length=0 (rows as long as the longest example) never cuts one
+        problems.append(f"packing_overlong=truncate would cut examples whose stored teacher targets ({stored[0]}) "
+                        "cover them whole: set packing_overlong=error with a packing_max_length of at least the "
+                        "longest example (0: the micro-batch's longest), or cut the examples when building the "
+                        "dataset (max_length) before the targets are stored")
+    return problems
 
 
 def side_process_problems(config, shape: RunShape) -> list[str]:

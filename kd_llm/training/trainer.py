@@ -231,10 +231,17 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         (kd_llm.training.online) or not one model (kd_llm.training.ensemble) override this."""
         return self._prepare_teacher(freeze_teacher(teacher_model))
 
+    def _padded_collator(self):
+        """The collator stored targets are computed with: padded rows, one example each, even when training packs
+        them (the targets are kept per example and re-laid into packed rows: kd_llm.data.packing)."""
+        if isinstance(self.data_collator, PackingCollator):
+            return CausalLMCollator(self.data_collator.pad_token_id, passthrough_keys=(EXAMPLE_INDEX_COLUMN,))
+        return self.data_collator
+
     def _precompute_teacher_logits(self) -> PrecomputedTeacherLogits:
         args = self.args
         return PrecomputedTeacherLogits.build(
-            self.teacher, self.train_dataset, self.data_collator, batch_size=args.per_device_eval_batch_size,
+            self.teacher, self.train_dataset, self._padded_collator(), batch_size=args.per_device_eval_batch_size,
             device=self.accelerator.device, disable_progress=args.disable_tqdm,
         )
 

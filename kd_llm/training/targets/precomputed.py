@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kd_llm.data.formatting import IGNORE_INDEX
+from kd_llm.data.packing import supervised_order
 from kd_llm.losses import LossComponents, distillation_objective
 from kd_llm.training.targets.base import EXAMPLE_INDEX_COLUMN, KDBatch, LossRequest, TeacherTarget, student_logits
 
@@ -84,19 +85,20 @@ class PrecomputedTeacherLogits:
         teacher.train(was_training)
         return cls(values, offsets)
 
-    def gather(self, example_index: torch.Tensor, shifted_labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def gather(self, example_index: torch.Tensor, shifted_labels: torch.Tensor, like: torch.Tensor,
+               packed_example_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher logits shaped like ``like`` ``[B, T-1, V]``: stored rows at supervised positions, zeros elsewhere
-        (never read: the loss selects supervised positions only)."""
+        (never read: the loss selects supervised positions only); a padded batch or, with ``packed_example_ids``,
+        a packed one (:func:`kd_llm.data.packing.supervised_order`)."""
         out = torch.zeros(like.shape[:-1] + (self.values.shape[-1],), dtype=torch.float32, device=like.device)
         valid = shifted_labels != IGNORE_INDEX
-        counts = valid.sum(-1).tolist()
         pieces = []
-        for row, index in enumerate(example_index.tolist()):
+        for index, count in zip(*supervised_order(example_index, shifted_labels, packed_example_ids)):
             start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-            if end - start != counts[row]:
+            if end - start != count:
                 raise RuntimeError(
                     f"Precomputed teacher logits of example {index} cover {end - start} positions but the batch has "
-                    f"{counts[row]}: the dataset changed after they were computed."
+                    f"{count}: the dataset changed after they were computed."
                 )
             pieces.append(self.values[start:end])
         if pieces:
@@ -118,7 +120,8 @@ class PrecomputedLogits(TeacherTarget):
 
     def terms(self, student_outputs, batch: KDBatch, request: LossRequest) -> LossComponents:
         logits = student_logits(student_outputs)
-        teacher = None if request.alpha >= 1 else self.store.gather(batch.example_index, batch.shifted_labels, logits)
+        teacher = None if request.alpha >= 1 else self.store.gather(batch.example_index, batch.shifted_labels, logits,
+                                                                    batch.packed_example_ids)
         return distillation_objective(logits, teacher, batch.shifted_labels, kd_vocab_size=request.kd_vocab_size,
                                       **request.objective_kwargs)
 

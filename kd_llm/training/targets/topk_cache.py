@@ -72,7 +72,8 @@ class TopKCache(TeacherTarget):
 
     def gather(self, batch: KDBatch, request: LossRequest, device):
         return None if request.alpha >= 1 else self.cache.gather(batch.example_index, batch.shifted_labels,
-                                                                 device=device)
+                                                                 device=device,
+                                                                 packed_example_ids=batch.packed_example_ids)
 
     def terms(self, student_outputs, batch: KDBatch, request: LossRequest) -> LossComponents:
         logits = student_logits(student_outputs)
