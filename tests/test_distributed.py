@@ -34,13 +34,31 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def data_parallel_launch(saved_models, tmp_path_factory):
+def hidden_cache_dir(saved_models, tmp_path_factory, char_tokenizer):
+    """A float32 hidden-state cache of the saved teacher over the runs' data (tests.support.distributed_kd_run)."""
+    from transformers import LlamaForCausalLM
+
+    from kd_llm.data.sources import build_dataset, load_records
+    from tests.helpers.cache import build_hidden
+    from tests.support.distributed_kd_run import DATASET_SIZE
+
+    path = tmp_path_factory.mktemp("ddp_cache") / "hidden"
+    teacher = LlamaForCausalLM.from_pretrained(saved_models / "teacher", use_safetensors=True).eval()
+    dataset = build_dataset(load_records("date_arithmetic", size=DATASET_SIZE, seed=1), char_tokenizer)
+    build_hidden(path, teacher, dataset, char_tokenizer, dtype="float32")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_parallel_launch(saved_models, hidden_cache_dir, tmp_path_factory):
     """One `accelerate launch` of 2 CPU processes with configs/accelerate/multi_gpu.yaml: 3 KD steps at batch 4 per
-    process, then the FSDP teacher check (sharing the launch: process start-up is most of the time)."""
+    process, packed, packed from a hidden-state cache, then the FSDP teacher check (sharing the launch: process
+    start-up is most of the time)."""
     out = tmp_path_factory.mktemp("ddp")
     accelerate_launch("--config_file", "configs/accelerate/multi_gpu.yaml", str(SUPPORT / "distributed_kd_run.py"),
                       "--models", str(saved_models), "--output", str(out / "run"),
                       "--per_device_train_batch_size", "4", "--packed_output", str(out / "packed"),
+                      "--hidden_cache", str(hidden_cache_dir), "--cached_output", str(out / "cached"),
                       "--fsdp_teacher_check", str(out / "fsdp"))
     return out
 
@@ -84,6 +102,24 @@ def test_two_packed_processes_match_one_padded_process(saved_models, data_parall
     for other in ("single", "padded"):
         losses = json.loads((tmp_path / other / "run.json").read_text())["losses"]
         assert packed_info["losses"] == pytest.approx(losses, rel=1e-5)
+
+
+def test_two_packed_processes_from_a_hidden_state_cache_match_one_padded_process(saved_models, hidden_cache_dir,
+                                                                                data_parallel_launch, tmp_path):
+    """packing=True from a stored teacher target across 2 processes: each process re-lays the cached states of its
+    own examples into its packed rows; the student equals 1 padded process x 8 from the same cache."""
+    cached_info = json.loads((data_parallel_launch / "cached" / "run.json").read_text())
+    assert cached_info["num_processes"] == 2 and cached_info["global_step"] == 3
+    assert cached_info["target"].startswith("hidden-state teacher cache (fused)")
+    run(saved_models, tmp_path / "padded", per_device_train_batch_size=8, fused_loss="true",
+        teacher_cache=str(hidden_cache_dir), teacher_cache_format="hidden_states")
+    cached = load_file(str(data_parallel_launch / "cached" / "student.safetensors"))
+    padded = load_file(str(tmp_path / "padded" / "student.safetensors"))
+    initial = load_file(str(saved_models / "student" / "model.safetensors"))
+    assert max_difference(padded, initial) > 1e-3
+    assert max_difference(cached, padded) < 1e-4  # float rounding through Adam, as for the live teacher above
+    losses = json.loads((tmp_path / "padded" / "run.json").read_text())["losses"]
+    assert cached_info["losses"] == pytest.approx(losses, rel=1e-5)
 
 
 def check_shards(results: list[dict], tolerance: float = 1e-5) -> None:

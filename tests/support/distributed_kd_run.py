@@ -54,6 +54,7 @@ def run(models: Path, output: Path, *, per_device_train_batch_size: int, max_ste
             "num_processes": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "teacher_type": type(trainer.teacher).__name__,
+            "target": trainer.target.name,
             "mixed_precision": trainer.accelerator.mixed_precision,
             "losses": [entry["total_loss"] for entry in trainer.state.log_history if "total_loss" in entry],
             "global_step": trainer.state.global_step,
@@ -71,6 +72,10 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--packed_output", type=Path, default=None,
                         help="Afterwards, also train the same run with packing=True (fused loss), writing here.")
+    parser.add_argument("--hidden_cache", type=Path, default=None,
+                        help="A hidden-state teacher cache of the teacher over the run's data, for --cached_output.")
+    parser.add_argument("--cached_output", type=Path, default=None,
+                        help="Afterwards, also train packed from --hidden_cache (fused loss), writing here.")
     parser.add_argument("--fsdp_teacher_check", type=Path, default=None,
                         help="Afterwards, also run tests/support/fsdp_teacher_run.py's check, writing to this folder.")
     args = parser.parse_args()
@@ -80,6 +85,10 @@ def main() -> None:
     if args.packed_output is not None:
         run(args.models, args.packed_output, per_device_train_batch_size=args.per_device_train_batch_size,
             max_steps=args.max_steps, packing=True, fused_loss="true")
+    if args.cached_output is not None:
+        run(args.models, args.cached_output, per_device_train_batch_size=args.per_device_train_batch_size,
+            max_steps=args.max_steps, packing=True, fused_loss="true", teacher_cache=str(args.hidden_cache),
+            teacher_cache_format="hidden_states")
     if args.fsdp_teacher_check is not None:  # one launch for two checks: process start-up dominates their time
         from tests.support.fsdp_teacher_run import check_fsdp_teacher
 
