@@ -117,7 +117,7 @@ def test_two_packed_processes_from_a_hidden_state_cache_match_one_padded_process
     padded = load_file(str(tmp_path / "padded" / "student.safetensors"))
     initial = load_file(str(saved_models / "student" / "model.safetensors"))
     assert max_difference(padded, initial) > 1e-3
-    assert max_difference(cached, padded) < 1e-4  # float rounding through Adam, as for the live teacher above
+    assert max_difference(cached, padded) < 1e-5  # measured 1.8e-6
     losses = json.loads((tmp_path / "padded" / "run.json").read_text())["losses"]
     assert cached_info["losses"] == pytest.approx(losses, rel=1e-5)
 

@@ -161,6 +161,20 @@ def test_recipe_says_when_batches_were_packed():
     packed = make_report(distillation={"packing": True, "packing_max_length": 512})["run"]
     assert "Batches packed without padding (rows of up to 512 tokens" in "\n".join(recipe_lines(packed))
     assert "packing" not in "\n".join(recipe_lines(make_report()["run"]))
+    assert "stored teacher targets" not in "\n".join(recipe_lines(packed))
+
+
+@pytest.mark.parametrize("cache, says", [
+    ({"teacher_cache_format": "top_k", "teacher_cache_tail_mode": "tail_bucket"},
+     "cache built before training (scripts/cache_teacher.py): the teacher's top-k distribution (tail: "
+     "`tail_bucket`) at every supervised token"),
+    ({"teacher_cache_format": "hidden_states"}, "the teacher's final hidden states (its exact distribution"),
+])
+def test_recipe_names_a_teacher_cache_and_its_packed_layout(cache, says):
+    run = make_report(distillation={"packing": True, "teacher_cache": "outputs/cache", **cache})["run"]
+    text = "\n".join(recipe_lines(run))
+    assert says in text and "`teacher_cache`" not in text  # described, not listed as a further term
+    assert "no attention across examples, the stored teacher targets laid into the rows example by example" in text
 
 
 # ------------------------------------------------------------------------------------------------------ measuring

@@ -14,7 +14,8 @@ import dataclasses
 DESCRIBED = {"alpha", "temperature", "final_temperature", "temperature_schedule", "distillation_loss", "beta", "skew",
              "l2_weight", "precompute_teacher_logits", "lmbda", "seq_kd", "seq_kd_decoding",
              "generation_max_new_tokens", "generation_temperature", "remove_unused_columns",
-             "packing", "packing_max_length", "packing_overlong", "length_grouping", "generation_buffer"}
+             "packing", "packing_max_length", "packing_overlong", "length_grouping", "generation_buffer",
+             "teacher_cache", "teacher_cache_format", "teacher_cache_tail_mode"}
 LAYER_TERMS = ("hidden", "attention", "attn", "feature", "layer_map")
 
 CITATIONS = {
@@ -167,11 +168,19 @@ def recipe_lines(run: dict) -> list[str]:
                      + ".")
     if d.get("precompute_teacher_logits"):
         lines.append("- The teacher's logits were computed once before training and kept in memory.")
+    if d.get("teacher_cache"):
+        stored = ("final hidden states (its exact distribution through its lm_head)"
+                  if d.get("teacher_cache_format") == "hidden_states"
+                  else f"top-k distribution (tail: `{d.get('teacher_cache_tail_mode', 'tail_bucket')}`)")
+        lines.append("- Teacher targets from a cache built before training (scripts/cache_teacher.py): the "
+                     f"teacher's {stored} at every supervised token, read by the training batches.")
     if d.get("packing"):
         rows = (f"rows of up to {d['packing_max_length']} tokens" if d.get("packing_max_length")
                 else "rows as long as the micro-batch's longest example")
+        stored = (", the stored teacher targets laid into the rows example by example"
+                  if d.get("teacher_cache") or d.get("precompute_teacher_logits") else "")
         lines.append(f"- Batches packed without padding ({rows}; position ids restart per example, no attention "
-                     "across examples: the same loss as padded batches).")
+                     f"across examples{stored}: the same loss as padded batches).")
     data = f"- Data: {run.get('train_examples')} labelled training examples"
     if run.get("transfer_examples"):
         data += f" plus {run['transfer_examples']} teacher-written completions (transfer set, KD student only)"
