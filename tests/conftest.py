@@ -72,7 +72,8 @@ def tiny_distillation_config(tmp_path, **overrides):
 
 def teacher_watching_trainer(seen: dict, teacher_width: int):
     """A DistillationTrainer subclass that records in ``seen`` the ``teacher_model`` it is given and, at each training
-    step, how many live modules are ``teacher_width`` wide: the teacher, if the training process still holds it."""
+    step, how many live modules are ``teacher_width`` wide: the teacher, if the training process still holds it, and
+    whether the step's batch was packed (kd_llm.data.packing)."""
     import gc
     import warnings
 
@@ -83,13 +84,14 @@ def teacher_watching_trainer(seen: dict, teacher_width: int):
             seen["teacher_model"] = teacher_model
             super().__init__(*args, teacher_model=teacher_model, **kwargs)
 
-        def training_step(self, *args, **kwargs):
+        def training_step(self, model, inputs, *args, **kwargs):
+            seen["packed batches"] = "packed_example_ids" in inputs
             with warnings.catch_warnings():  # isinstance on deprecated torch aliases warns
                 warnings.simplefilter("ignore")
                 seen["teachers alive"] = sum(isinstance(o, torch.nn.Module) and hasattr(o, "config")
                                              and getattr(o.config, "hidden_size", None) == teacher_width
                                              for o in gc.get_objects())
-            return super().training_step(*args, **kwargs)
+            return super().training_step(model, inputs, *args, **kwargs)
 
     return TeacherWatchingTrainer
 

@@ -146,7 +146,7 @@ def test_on_policy_from_states_with_a_side_process_shipping_hidden_states(tmp_pa
 
 def test_cache_script_then_distill_script_train_from_hidden_states(tmp_path, char_tokenizer, monkeypatch):
     """configs/date_hidden_cache.yaml's two commands on a tiny teacher: cache_teacher.py writes the hidden states,
-    distill_llm.py trains from them with only the teacher's lm_head in the training process."""
+    distill_llm.py trains from them, on packed batches, with only the teacher's lm_head in the training process."""
     import sys
     from pathlib import Path
 
@@ -174,6 +174,7 @@ def test_cache_script_then_distill_script_train_from_hidden_states(tmp_path, cha
     assert results["steps"] == 2
     # The teacher's body is gone; its lm_head (40 wide) is a tensor, not a module: no 40-wide module is alive.
     assert type(seen["teacher_model"]).__name__ == "TeacherHead" and seen["teachers alive"] == 0
+    assert seen["packed batches"]  # the config packs: the cached states are laid into packed rows
     assert results["teacher_cache"]["format"] == "hidden_states" and results["teacher_cache"]["hidden_size"] == 40
     logged = [entry["kd_loss"] for entry in results["kd_log_history"] if "kd_loss" in entry]
     assert len(logged) == 2 and all(value > 0 for value in logged)

@@ -25,7 +25,9 @@ class KDBatch:
 
     inputs: dict  # input_ids, attention_mask, ... (what the models' forward takes)
     shifted_labels: Tensor  # labels[:, 1:]: the token each position predicts, -100 where unsupervised
-    example_index: Tensor | None = None  # rows of the training set (stored targets); None on other data
+    # Rows of the training set (stored targets), one per example in the collator's order (packed batches: the
+    # entry packed_example_ids points at); None on other data.
+    example_index: Tensor | None = None
     completion_source: str | None = None  # None: the dataset's completion; "student" (on-policy) or "teacher" (seq_kd)
     teacher_outputs: object = None  # the live teacher's outputs, when the feature terms already ran it on the batch
     packed_example_ids: Tensor | None = None  # packed batches (kd_llm.data.packing): each token's example, or -1
