@@ -222,11 +222,14 @@ def mode_trainer(mode, tmp_path, tokenizer, dataset, **overrides):
     return EMADistillationTrainer(model=student, ema_decay=0.6, **common)
 
 
-@pytest.mark.parametrize("mode", ["online", "ensemble", "ema"])
+@pytest.mark.parametrize("mode", ["online", "ensemble", "ensemble, precomputed", "ema"])
 def test_every_distillation_mode_trains_the_same_student_from_packed_batches(tmp_path, char_tokenizer, date_dataset,
                                                                               mode):
-    padded = mode_trainer(mode, tmp_path / "padded", char_tokenizer, date_dataset, packing=False, max_steps=2)
-    packed = mode_trainer(mode, tmp_path / "packed", char_tokenizer, date_dataset, packing=True, max_steps=2)
+    mode, _, precomputed = mode.partition(", ")  # the ensemble's mixture precomputed, then laid into packed rows
+    common = dict(max_steps=2, precompute_teacher_logits=bool(precomputed))
+    padded = mode_trainer(mode, tmp_path / "padded", char_tokenizer, date_dataset, packing=False, **common)
+    packed = mode_trainer(mode, tmp_path / "packed", char_tokenizer, date_dataset, packing=True, **common)
+    assert (packed.teacher_logits is not None) == bool(precomputed)
     assert isinstance(packed.data_collator, PackingCollator)
     padded.train()
     packed.train()
