@@ -185,7 +185,7 @@ def test_packed_training_with_accumulation_trains_the_padded_runs_student(tmp_pa
 @pytest.mark.parametrize("settings, message", [
     (dict(packing_max_length=-1), "packing_max_length must be an integer >= 0"),
     (dict(packing_overlong="split"), "packing_overlong must be one of error, truncate"),
-    (dict(packing=True, precompute_teacher_logits=True, packing_overlong="truncate"),
+    (dict(packing=True, precompute_teacher_logits=True, packing_overlong="truncate", packing_max_length=64),
      "packing_overlong=truncate would cut examples whose stored teacher targets"),
 ])
 def test_packing_settings_that_cannot_work_are_refused(tmp_path, settings, message):

@@ -247,7 +247,10 @@ def test_packing_takes_stored_teacher_targets_of_whole_examples(tmp_path, settin
     """Stored targets are re-laid into packed rows example by example (the loss paths: the table above), so an
     example cut by packing_overlong=truncate, which they cover whole, is refused."""
     assert rules.packing_problems(config(tmp_path, packing=True, **settings)) == []
+    cutting = dict(packing=True, packing_overlong="truncate", packing_max_length=64)
     with pytest.raises(ValueError, match=f"packing_overlong=truncate would cut examples whose stored teacher targets "
                                          f"\\({named}\\) cover them whole"):
-        config(tmp_path, packing=True, packing_overlong="truncate", **settings)
-    assert rules.packing_problems(config(tmp_path, packing=True, packing_overlong="truncate")) == []
+        config(tmp_path, **cutting, **settings)
+    assert rules.packing_problems(config(tmp_path, **cutting)) == []  # a live teacher sees the cut examples
+    # Rows as long as the micro-batch's longest example (packing_max_length=0) never cut one.
+    assert rules.packing_problems(config(tmp_path, packing=True, packing_overlong="truncate", **settings)) == []

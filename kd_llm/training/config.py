@@ -242,7 +242,8 @@ class DistillationConfig(TrainingArguments):
         default="error",
         metadata={"help": "An example longer than packing_max_length: error (stop, naming it) or truncate (cut to "
                           "packing_max_length tokens; refused with precompute_teacher_logits or a teacher_cache, "
-                          "whose stored targets cover whole examples). Never split across rows."},
+                          "whose stored targets cover whole examples). Never split across rows (packing_max_length=0 "
+                          "never cuts one)."},
     )
     cross_tokenizer_loss: str | None = field(
         default=None,
