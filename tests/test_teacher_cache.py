@@ -343,7 +343,8 @@ def test_cache_script_then_distill_script_train_from_the_cache(tmp_path, char_to
                                 "--compare_hard_labels", "false", "--evaluate_skills", "false",
                                 "--write_report", "false", "--force", "true", "--logging_steps", "1"])
     assert results["steps"] == 2
-    assert seen == {"teacher_model": None, "teachers alive": 0}  # the teacher is the only model 40 wide
+    # The teacher is the only model 40 wide; the config packs: the cached top-k is laid into packed rows.
+    assert seen == {"teacher_model": None, "teachers alive": 0, "packed batches": True}
     assert results["teacher_cache"]["k"] == 8 and results["teacher_cache"]["tail_mode"] == "tail_bucket"
     logged = [entry["kd_loss"] for entry in results["kd_log_history"] if "kd_loss" in entry]
     assert len(logged) == 2 and all(value > 0 for value in logged)
