@@ -182,6 +182,36 @@ def test_packed_training_with_accumulation_trains_the_padded_runs_student(tmp_pa
     assert losses(accumulated) == pytest.approx(losses(reference), rel=1e-5)
 
 
+def test_packed_on_policy_run_from_a_cache_trains_the_padded_runs_student(tmp_path, char_tokenizer, date_dataset,
+                                                                          stores):
+    """lmbda = 0.5 from a hidden-state cache and the live teacher: the cache serves the packed dataset batches, the
+    teacher scores the student's packed samples (kd_llm.training.on_policy); the padded run's student, 3 steps."""
+    from kd_llm.training.targets import HiddenCacheFused, Routed
+
+    settings = dict(lmbda=0.5, max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    generation_max_new_tokens=10, teacher_cache=stores["HIDDEN"], teacher_cache_format="hidden_states")
+    padded = trainer_for(tmp_path / "padded", char_tokenizer, date_dataset, packing=False, **settings)
+    packed = trainer_for(tmp_path / "packed", char_tokenizer, date_dataset, packing=True, **settings)
+    assert isinstance(packed.target, Routed) and isinstance(packed.target.primary, HiddenCacheFused)
+    served = []
+    cache_terms = packed.target.primary.terms
+
+    def terms(outputs, batch, request):
+        served.append(batch.packed_example_ids is not None)
+        return cache_terms(outputs, batch, request)
+
+    packed.target.primary.terms = terms
+    padded.train()
+    packed.train()
+    fractions = [e["on_policy_fraction"] for e in packed.state.log_history if "on_policy_fraction" in e]
+    assert 0 < sum(fractions) < len(fractions)  # both kinds of batches ran
+    assert served and all(served)  # the cache served packed batches
+    assert max_difference(params(padded.model), params(tiny_llama(len(char_tokenizer), seed=2))) > 1e-3
+    assert max_difference(params(packed.model), params(padded.model)) < 1e-5  # 2.1e-6 measured
+    losses = lambda t: [e["total_loss"] for e in t.state.log_history if "total_loss" in e]  # noqa: E731
+    assert losses(packed) == pytest.approx(losses(padded), rel=1e-5)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(packing_max_length=-1), "packing_max_length must be an integer >= 0"),
     (dict(packing_overlong="split"), "packing_overlong must be one of error, truncate"),
