@@ -311,3 +311,11 @@ def test_step_length_grouping_keeps_each_optimizer_step_a_random_draw(tmp_path, 
         assert lengths == sorted(lengths)
     with pytest.raises(ValueError, match="length_grouping=step is a training sampler"):
         make_config(tmp_path, length_grouping="step", train_sampling_strategy="group_by_length")
+
+
+def test_packing_refuses_compute_metrics_which_would_read_rows_as_examples(tmp_path, char_tokenizer, date_dataset):
+    with pytest.raises(ValueError, match="compute_metrics would read packed rows as examples"):
+        DistillationTrainer(model=tiny_llama(len(char_tokenizer), seed=2),
+                            teacher_model=tiny_llama(len(char_tokenizer), hidden=48, seed=1),
+                            args=make_config(tmp_path, packing=True), train_dataset=date_dataset,
+                            processing_class=char_tokenizer, compute_metrics=lambda prediction: {})

@@ -254,3 +254,12 @@ def test_packing_takes_stored_teacher_targets_of_whole_examples(tmp_path, settin
     assert rules.packing_problems(config(tmp_path, **cutting)) == []  # a live teacher sees the cut examples
     # Rows as long as the micro-batch's longest example (packing_max_length=0) never cut one.
     assert rules.packing_problems(config(tmp_path, packing=True, packing_overlong="truncate", **settings)) == []
+
+
+def test_what_packing_still_cannot_serve_is_refused_with_its_reason(tmp_path):
+    """A teacher with another tokenizer reads each example's own teacher rendering and span ids, which packed rows
+    would mix: refused in the config, with the reason."""
+    with pytest.raises(ValueError, match="packing is not supported with cross_tokenizer_loss: packed rows would mix "
+                                         "several examples' teacher renderings"):
+        config(tmp_path, packing=True, cross_tokenizer_loss="hybrid")
+    assert rules.cross_tokenizer_config_problems(config(tmp_path, cross_tokenizer_loss="hybrid")) == []
