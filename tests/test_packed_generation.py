@@ -160,3 +160,20 @@ def test_ema_self_distillation_on_policy_with_packing_trains_the_padded_runs_stu
     fractions = [e["on_policy_fraction"] for e in packed.state.log_history if "on_policy_fraction" in e]
     assert len(fractions) == 4 and 0 < sum(fractions) < 4
     assert any(e["kd_loss"] > 0 for e in packed.state.log_history[1:] if "kd_loss" in e)
+
+
+def test_generated_examples_are_packed_into_no_more_tokens_than_padding():
+    """Completions that all ran to max_new_tokens have near-equal lengths: rows of packing_max_length would compute
+    their last row's padding (5 + 3 examples of 96 tokens in rows of 512: 2 x 480 tokens against 8 x 96 padded), so
+    rows as long as the longest example are taken; varied lengths still share long rows."""
+    from kd_llm.training.on_policy import build_completion_batch
+
+    equal = build_completion_batch([[1] * 64] * 8, [[5] * 32] * 8, 0, STUDENT, packing_max_length=512)
+    assert equal["input_ids"].shape == (8, 96)  # what padding computes, not 2 x 480
+    assert examples_of(equal) == examples_of(build_completion_batch([[1] * 64] * 8, [[5] * 32] * 8, 0, STUDENT))
+    lengths = [2, 30, 4, 28, 6, 26, 8, 24]
+    varied = build_completion_batch([[1] * 4] * 8, [[5] * n for n in lengths], 0, STUDENT, packing_max_length=512)
+    padded = build_completion_batch([[1] * 4] * 8, [[5] * n for n in lengths], 0, STUDENT)
+    assert varied["input_ids"].shape == (1, sum(lengths) + 32)  # all in one row of 512
+    assert varied["input_ids"].numel() == 160 < padded["input_ids"].numel() == 8 * 34
+    assert examples_of(varied) == examples_of(padded)

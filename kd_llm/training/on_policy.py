@@ -149,7 +149,10 @@ def build_completion_batch(prompts: list[list[int]], completions: list[list[int]
 
     ``packing_max_length`` (not None): packed instead (:class:`~kd_llm.data.packing.PackingCollator`, rows of up to
     that many tokens, 0: the longest example). A generated example longer than it gets a row of its own, never cut:
-    cutting it would change the loss against the padded batch of the same samples."""
+    cutting it would change the loss against the padded batch of the same samples. Of the rows of that length and
+    rows as long as the longest example, the layout computing fewer tokens is taken: completions that all run to
+    ``max_new_tokens`` have near-equal lengths, and long rows would then compute their last row's padding, more than
+    the padded batch; rows of the longest example never compute more than it."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
     features = [{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c} for p, c in zip(prompts, completions)]
@@ -157,7 +160,9 @@ def build_completion_batch(prompts: list[list[int]], completions: list[list[int]
         batch = CausalLMCollator(pad_token_id)(features)
     else:
         longest = max(len(f["input_ids"]) for f in features)
-        batch = PackingCollator(pad_token_id, max_length=max(packing_max_length, longest))(features)
+        layouts = [PackingCollator(pad_token_id, max_length=width)(features)
+                   for width in dict.fromkeys((max(packing_max_length, longest), longest))]
+        batch = min(layouts, key=lambda layout: layout["input_ids"].numel())  # the first of equals
     batch[COMPLETION_SOURCE_KEY] = source
     return batch
 
