@@ -177,3 +177,34 @@ def test_generated_examples_are_packed_into_no_more_tokens_than_padding():
     assert varied["input_ids"].shape == (1, sum(lengths) + 32)  # all in one row of 512
     assert varied["input_ids"].numel() == 160 < padded["input_ids"].numel() == 8 * 34
     assert examples_of(varied) == examples_of(padded)
+
+
+@pytest.mark.parametrize("stored", ["precompute_teacher_logits", "teacher_cache"])
+def test_routed_stored_and_live_targets_with_packing_train_the_padded_runs_student(tmp_path, char_tokenizer,
+                                                                                   date_dataset, stored):
+    """Routed: stored targets serve the packed dataset batches, the live teacher the packed student samples
+    (lmbda = 0.5, seed 2: steps of both kinds); the packed run trains the padded run's student."""
+    from kd_llm.models.loading import load_model
+    from kd_llm.training.targets import Routed
+    from tests.helpers.cache import build as build_cache
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(len(char_tokenizer), hidden=48, seed=1).save_pretrained(teacher_dir)
+    settings = dict(lmbda=0.5, seed=2, max_steps=4, generation_max_new_tokens=10, optim="sgd", learning_rate=0.5)
+    if stored == "teacher_cache":
+        build_cache(tmp_path / "cache", load_model(teacher_dir), date_dataset, char_tokenizer, k=16, temperature=2.0)
+        settings["teacher_cache"] = str(tmp_path / "cache")
+    else:
+        settings["precompute_teacher_logits"] = True
+    runs = {}
+    for packing in (False, True):
+        runs[packing] = make_trainer(tmp_path / str(packing), char_tokenizer, date_dataset, packing=packing,
+                                     teacher=load_model(teacher_dir), packing_max_length=160 if packing else 0,
+                                     **settings)
+        assert isinstance(runs[packing].target, Routed)
+        runs[packing].train()
+    padded, packed = runs[False], runs[True]
+    fractions = [e["on_policy_fraction"] for e in packed.state.log_history if "on_policy_fraction" in e]
+    assert 0 < sum(fractions) < len(fractions) == 4  # both targets served training batches
+    assert max_difference(params(padded.model), params(tiny_llama(len(char_tokenizer), seed=2))) > 1e-3
+    assert max_difference(params(packed.model), params(padded.model)) < 1e-5

@@ -292,3 +292,24 @@ def test_side_process_teacher_with_packing_gives_the_padded_loss_and_gradients(t
             assert packed_batch["input_ids"].shape[0] < padded_batch["input_ids"].shape[0]
             assert_same_loss_and_gradients(padded, packed, padded_batch, packed_batch)
         assert side.requests - requests == 4  # each generated batch scored once per trainer, in the child
+
+
+def test_on_policy_from_a_cache_with_the_side_process_teacher_and_packing_trains_the_padded_runs_student(
+        tmp_path, proxy, cache_dir, date_dataset, char_tokenizer):
+    """What the side process is for, packed: the cache serves the packed dataset batches, the child scores the
+    student's packed samples (seed 2, lmbda 0.5: steps 0 and 3 on-policy)."""
+    settings = dict(lmbda=0.5, max_steps=4, seed=2, optim="sgd", learning_rate=0.5, teacher_cache=str(cache_dir),
+                    generation_max_new_tokens=12)
+    runs = {}
+    for packing in (False, True):
+        runs[packing] = DistillationTrainer(
+            model=tiny_llama(89, seed=2), teacher_model=proxy, train_dataset=date_dataset,
+            processing_class=char_tokenizer,
+            args=tiny_distillation_config(tmp_path / str(packing), packing=packing, **settings))
+        before = proxy.requests
+        runs[packing].train()
+        assert proxy.requests - before == 2  # each sampled batch scored once, in the child
+    padded, packed = runs[False], runs[True]
+    assert packed.completion_generator.run_totals()["on_policy_batches"] == 2
+    assert max_difference(params(padded.model), params(tiny_llama(89, seed=2))) > 1e-2
+    assert max_difference(params(packed.model), params(padded.model)) < 1e-5
