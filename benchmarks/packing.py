@@ -53,7 +53,9 @@ def real_text_records(count: int, seed: int = 0) -> list[dict]:
             for _ in range(count)]
 
 
-def length_mix(tokenizer, size: int, seed: int = 0):
+def length_mix(tokenizer, size: int, seed: int = 0, max_length: int = 512):
+    """The "date + docs" mix; examples longer than ``max_length`` tokens are truncated (their supervised tokens
+    with them)."""
     from kd_llm.data.sources import build_dataset, load_records
 
     dates = load_records("date_arithmetic", size=size - size // 4, seed=seed, prompt_style="verbose")
@@ -62,7 +64,7 @@ def length_mix(tokenizer, size: int, seed: int = 0):
     for record in records:
         record.pop("category", None)
         record.pop("answer", None)
-    return build_dataset(records, tokenizer, max_length=512)
+    return build_dataset(records, tokenizer, max_length=max_length)
 
 
 def build_models(tiny: bool):

