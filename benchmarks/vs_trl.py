@@ -19,7 +19,8 @@ the same examples in the same order (``--batch`` examples of the length mix per 
   models' full ``[B, T, V]`` logits, ``log_softmax`` of both over the vocabulary, elementwise ``kl_div``.
 - ``kd_live_fused``: ``DistillationTrainer.training_step``, live teacher, ``fused_loss=true`` (padded batch).
 - ``kd_hidden_cache``: the teacher's final hidden states cached once (``teacher_cache_format=hidden_states``,
-  float16, the default), only the teacher's lm_head in memory; fused loss; padded batch (caches do not pack yet).
+  float16, the default), only the teacher's lm_head in memory; fused loss; padded batch (as measured: the caches
+  could not pack at that commit; they can now, an arm to add).
 - ``kd_topk_cache``: the top-64 cache (``sqrt_uint8``, ``tail_bucket``, taken at T = 1); fused sparse loss; padded.
 - ``kd_packed``: live teacher, fused loss, ``packing=true`` (rows of up to the batch's longest example).
 
