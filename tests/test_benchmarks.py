@@ -4,8 +4,12 @@ in a way that can tell a materialised [N, V] tensor from a chunked loss. Not tim
 import json
 
 import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from benchmarks import loss_memory, precomputed_memory, run
+from benchmarks import cross_tokenizer, loss_memory, precomputed_memory, run
+from tests.conftest import tiny_llama
+from tests.helpers.tokenizers import needs_gemma, needs_smollm2, packaged_tokenizer
 
 
 def test_throughput_script_runs_every_variant_and_reports_ratios(tmp_path):
@@ -105,3 +109,56 @@ def test_vs_trl_trl_arm_computes_the_same_loss_where_trl_is_installed(tmp_path):
     assert result["reference_arm"] == "trl_gkd"
     assert arms["trl_gkd"]["first_step_loss"] == pytest.approx(result["first_step_naive_reference_loss"], rel=1e-4)
     assert arms["kd_live_fused"]["first_step_loss"] == pytest.approx(arms["trl_gkd"]["first_step_loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_real_tokenizer_pair(tmp_path_factory):
+    """A tiny Gemma-3 with Gemma's tokenizer and a tiny 2-layer Llama with SmolLM2's, saved as folders."""
+    teacher_tokenizer, student_tokenizer = packaged_tokenizer("gemma3-270m"), packaged_tokenizer("smollm2-135m-instruct")
+    torch.manual_seed(1)
+    teacher = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(teacher_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512, sliding_window=64,
+        pad_token_id=teacher_tokenizer.pad_token_id, bos_token_id=teacher_tokenizer.bos_token_id,
+        eos_token_id=teacher_tokenizer.eos_token_id))
+    student = tiny_llama(len(student_tokenizer), hidden=16, heads=2, kv_heads=1, seed=2)
+    folders = {}
+    for name, model, tokenizer in (("teacher", teacher, teacher_tokenizer), ("student", student, student_tokenizer)):
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+@needs_gemma
+@needs_smollm2
+@pytest.mark.parametrize("arms", ["hard,hybrid,seq_kd",  # the quick suite: seq_kd and the hybrid's matched mass
+                                  pytest.param(",".join(cross_tokenizer.ARMS), marks=pytest.mark.slow)])
+def test_cross_tokenizer_benchmark_runs_its_arms_and_writes_its_table(tiny_real_tokenizer_pair, tmp_path, arms):
+    output = tmp_path / "cross.json"
+    result = cross_tokenizer.main([
+        "--teacher", str(tiny_real_tokenizer_pair["teacher"]), "--student", str(tiny_real_tokenizer_pair["student"]),
+        "--steps", "2", "--batch", "2", "--max_length", "48", "--chunk_chars", "200", "--train_records", "4",
+        "--student_layers", "1", "--bpb_bytes", "400", "--seq_kd_tokens", "8", "--curve_points", "1",
+        "--arms", arms, "--output", str(output)])
+    assert json.loads(output.read_text()) == result
+    assert list(result["arms"]) == arms.split(",")
+    assert len(result["bpb"]) == 3 and all(entry["bits_per_byte"] > 0 for entry in result["bpb"].values())
+    for entry in result["arms"].values():
+        assert entry["bpb"]["bits_per_byte"] > 0 and entry["seconds_per_step"] > 0
+        assert [point["step"] for point in entry["bpb_curve"]] == [1]  # halfway through 2 steps
+    hybrid = result["arms"]["hybrid"]
+    assert 0 < hybrid["student_matched_mass"] <= 1 and 0 < hybrid["teacher_matched_mass"] <= 1
+    assert "student_matched_mass" not in result["arms"]["hard"]
+    seq_kd = result["arms"]["seq_kd"]
+    assert 0 < seq_kd["supervised_student_tokens"] and seq_kd["example"]["completion"]
+    assert 0 < result["alignment"]["spans_per_student_token"] <= 1
+    table = output.with_suffix(".md").read_text()
+    assert table.count("\n") == 2 + 3 + len(result["arms"]) and "BPB @ 1" in table
+    assert cross_tokenizer.main(["--table", str(output)]) == result  # the table again, from the JSON alone
+
+
+def test_cross_tokenizer_benchmark_refuses_an_unknown_arm(capsys):
+    with pytest.raises(SystemExit):
+        cross_tokenizer.main(["--arms", "hard,soft"])
+    assert "unknown arm(s) soft" in capsys.readouterr().err
