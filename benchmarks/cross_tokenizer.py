@@ -5,7 +5,7 @@ Arms, same student initialisation, data, steps and seed: hard labels only; same-
 (the student's own family); cross-tokenizer KD from Gemma-3-270M with each loss of kd_llm.cross_tokenizer; and
 sequence-level KD (the student trained with alpha = 1 on Gemma-written continuations of the training prompts).
 
-    OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py          # the full run (benchmarks/README.md)
+    OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py          # the full run: ~32 min on one loaded core
     python benchmarks/cross_tokenizer.py --table results/cross_tokenizer.json   # its markdown table again
 
 Data: Debian's licence texts (base-files, /usr/share/common-licenses), read in place: training on GPL-2, GPL-3,
@@ -151,19 +151,19 @@ def parse_args(argv):
     parser.add_argument("--teacher", default=GEMMA, help="The cross-tokenizer teacher (also writes the seq_kd text).")
     parser.add_argument("--student", default=SMOLLM2,
                         help="The model the student is pruned from; also the same-tokenizer teacher.")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--alpha", type=float, default=0.5, help="CE weight of the KD arms (hard, seq_kd: 1).")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--student_layers", type=int, default=15)
     parser.add_argument("--chunk_chars", type=int, default=400)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--bpb_bytes", type=int, default=6000)
-    parser.add_argument("--train_records", type=int, default=64,
+    parser.add_argument("--max_length", type=int, default=112)
+    parser.add_argument("--bpb_bytes", type=int, default=8000)
+    parser.add_argument("--train_records", type=int, default=80,
                         help="Training texts kept, spread over all the licences (every arm the same).")
     parser.add_argument("--seq_kd_prompt_chars", type=int, default=160)
-    parser.add_argument("--seq_kd_tokens", type=int, default=48, help="Tokens Gemma writes per seq_kd prompt.")
+    parser.add_argument("--seq_kd_tokens", type=int, default=80, help="Tokens Gemma writes per seq_kd prompt.")
     parser.add_argument("--curve_points", type=int, default=3,
                         help="Held-out BPB this many times during training (evenly spaced), besides the end.")
     parser.add_argument("--arms", default=",".join(ARMS))
