@@ -6,7 +6,7 @@ Arms, same student initialisation, data, steps and seed: hard labels only; same-
 sequence-level KD (the student trained with alpha = 1 on Gemma-written continuations of the training prompts).
 
     OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py          # the full run: ~32 min on one loaded core
-    python benchmarks/cross_tokenizer.py --table results/cross_tokenizer.json   # its markdown table again
+    python benchmarks/cross_tokenizer.py --table benchmarks/results/cross_tokenizer.json   # its table again
 
 Data: Debian's licence texts (base-files, /usr/share/common-licenses), read in place: training on GPL-2, GPL-3,
 LGPL-2.1, GFDL-1.3 and MPL-1.1 cut into paragraphs; bits per byte on the held-out Apache-2.0 and MPL-2.0 texts,

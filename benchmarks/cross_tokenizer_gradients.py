@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct, and the cross-tokenizer hybrid, ULD and span losses from 
 ``--temperatures``. Also reported: the share of each side's mass the hybrid matches at each temperature, and the
 alignment's coverage of the batches. Side measurements for benchmarks/README.md, not a training run.
 
-    OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer_gradients.py --layers_from results/cross_tokenizer.json
+    OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer_gradients.py --layers_from benchmarks/results/cross_tokenizer.json
 """
 
 from __future__ import annotations
