@@ -132,7 +132,7 @@ def tiny_real_tokenizer_pair(tmp_path_factory):
 
 @needs_gemma
 @needs_smollm2
-@pytest.mark.parametrize("arms", ["hard,hybrid,seq_kd",  # the quick suite: seq_kd and the hybrid's matched mass
+@pytest.mark.parametrize("arms", ["hard,seq_kd",  # the quick suite; the trainer's tests cover the hybrid quickly
                                   pytest.param(",".join(cross_tokenizer.ARMS), marks=pytest.mark.slow)])
 def test_cross_tokenizer_benchmark_runs_its_arms_and_writes_its_table(tiny_real_tokenizer_pair, tmp_path, arms):
     output = tmp_path / "cross.json"
@@ -147,12 +147,13 @@ def test_cross_tokenizer_benchmark_runs_its_arms_and_writes_its_table(tiny_real_
     for entry in result["arms"].values():
         assert entry["bpb"]["bits_per_byte"] > 0 and entry["seconds_per_step"] > 0
         assert [point["step"] for point in entry["bpb_curve"]] == [1]  # halfway through 2 steps
-    hybrid = result["arms"]["hybrid"]
-    assert 0 < hybrid["student_matched_mass"] <= 1 and 0 < hybrid["teacher_matched_mass"] <= 1
     assert "student_matched_mass" not in result["arms"]["hard"]
     seq_kd = result["arms"]["seq_kd"]
     assert 0 < seq_kd["supervised_student_tokens"] and seq_kd["example"]["completion"]
-    assert 0 < result["alignment"]["spans_per_student_token"] <= 1
+    if "hybrid" in result["arms"]:
+        hybrid = result["arms"]["hybrid"]
+        assert 0 < hybrid["student_matched_mass"] <= 1 and 0 < hybrid["teacher_matched_mass"] <= 1
+        assert 0 < result["alignment"]["spans_per_student_token"] <= 1
     table = output.with_suffix(".md").read_text()
     assert table.count("\n") == 2 + 3 + len(result["arms"]) and "BPB @ 1" in table
     assert cross_tokenizer.main(["--table", str(output)]) == result  # the table again, from the JSON alone
