@@ -23,6 +23,8 @@ the same examples in the same order (``--batch`` examples of the length mix per 
   could not pack at that commit; they can now, an arm to add).
 - ``kd_topk_cache``: the top-64 cache (``sqrt_uint8``, ``tail_bucket``, taken at T = 1); fused sparse loss; padded.
 - ``kd_packed``: live teacher, fused loss, ``packing=true`` (rows of up to the batch's longest example).
+- ``kd_hidden_cache_packed`` / ``kd_topk_cache_packed``: the two caches with ``packing=true`` (their stored targets
+  re-laid into the packed rows example by example).
 
 A cache is built once (``write_teacher_cache`` / ``write_hidden_state_cache``, one teacher forward over the
 training set) and reused across epochs and runs; its build time is reported separately, not in the step times.
@@ -66,7 +68,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS_DIR, machine_info, median, write_json  # noqa: E402
 
 TEACHER_SPEC = "packaged:smollm2-135m-instruct"
-ARMS = ("trl_gkd", "kd_live_fused", "kd_hidden_cache", "kd_topk_cache", "kd_packed")
+ARMS = ("trl_gkd", "kd_live_fused", "kd_hidden_cache", "kd_topk_cache", "kd_packed", "kd_hidden_cache_packed",
+        "kd_topk_cache_packed")
 KD_ARMS = ARMS[1:]
 TOP_K, TOP_K_CODEC = 64, "sqrt_uint8"
 TEMPERATURE = 1.0  # GKD's loss is taken at T = 1 (compute_loss passes no temperature)
@@ -141,6 +144,10 @@ def make_trainers(arms, teacher, model, tokenizer, dataset, folder: Path, batch:
                                                          teacher_cache_format="hidden_states")),
         "kd_topk_cache": (None, dict(teacher_cache=str(folder / "topk"), teacher_cache_tail_mode="tail_bucket")),
         "kd_packed": (teacher, dict(packing=True)),
+        "kd_hidden_cache_packed": (head_of_model(teacher), dict(teacher_cache=str(folder / "hidden"), packing=True,
+                                                                teacher_cache_format="hidden_states")),
+        "kd_topk_cache_packed": (None, dict(teacher_cache=str(folder / "topk"), teacher_cache_tail_mode="tail_bucket",
+                                            packing=True)),
     }
     out = {}
     for arm in arms:
@@ -247,13 +254,19 @@ def main(argv=None) -> dict:
                         help="examples truncated to this many tokens (the mix's longest is 508: at batch 8 TRL's "
                              "step then holds ~8 [8, 508, 49152] float32 tensors, more than the shared machine has)")
     parser.add_argument("--skip-trl", action="store_true", help="run the kd_llm arms only")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated subset of {', '.join(ARMS)} (kd_packed is always run: the time "
+                             "breakdown reads its batch)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     from benchmarks.packing import length_mix
 
     have_trl = trl_available() and not args.skip_trl
-    arms = ARMS if have_trl else KD_ARMS
+    chosen = set(args.arms.split(",")) | {"kd_packed"}
+    if unknown := chosen - set(ARMS):
+        parser.error(f"--arms: unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+    arms = tuple(arm for arm in (ARMS if have_trl else KD_ARMS) if arm in chosen)
     if not have_trl:
         print("trl is not installed (or --skip-trl): the trl_gkd arm is skipped; see the docstring for the "
               "benchmark environment.", flush=True)
@@ -334,7 +347,7 @@ def main(argv=None) -> dict:
             result["where_the_time_goes"] = where_the_time_goes(
                 teacher, arm_batch(trainers["trl_gkd"], first), arm_batch(trainers["kd_packed"], first),
                 teacher.config.vocab_size)
-    reference = "trl_gkd" if have_trl else "kd_live_fused"
+    reference = "trl_gkd" if "trl_gkd" in arms else "kd_packed" if "kd_live_fused" not in arms else "kd_live_fused"
     arms_out = {}
     for arm, record in records.items():
         row = {"supervised_tokens_per_step": record["supervised"] / steps,

@@ -93,6 +93,10 @@ def test_vs_trl_kd_llm_arms_run_without_trl_and_compute_one_objective(tmp_path):
     for arm in ("kd_live_fused", "kd_packed"):
         assert arms[arm]["first_step_loss"] == pytest.approx(naive, rel=1e-4)
     assert arms["kd_hidden_cache"]["first_step_loss"] == pytest.approx(naive, rel=1e-3)  # float16 states
+    for cache in ("kd_hidden_cache", "kd_topk_cache"):  # packing re-lays the stored targets: same loss, fewer tokens
+        packed = arms[f"{cache}_packed"]
+        assert packed["first_step_loss"] == pytest.approx(arms[cache]["first_step_loss"], rel=1e-5)
+        assert packed["tokens_computed_per_supervised"] < arms[cache]["tokens_computed_per_supervised"]
     # A merged tail is a coarser distribution: forward KL can only drop (data processing), never rise.
     assert 0 < arms["kd_topk_cache"]["first_step_loss"] <= arms["kd_live_fused"]["first_step_loss"] * (1 + 1e-5)
     assert all(row["supervised_tokens_per_cpu_s"] > 0 for row in arms.values())
