@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_llm.cross_tokenizer.data import STUDENT_SPANS, TEACHER_ATTENTION_MASK, TEACHER_INPUT_IDS, TEACHER_SPANS
+from kd_llm.cross_tokenizer.data import (STUDENT_SPANS, TEACHER_ATTENTION_MASK, TEACHER_INPUT_IDS,
+                                         TEACHER_POSITION_IDS, TEACHER_SPANS)
 from kd_llm.cross_tokenizer.losses import CROSS_TOKENIZER_LOSSES
 from kd_llm.cross_tokenizer.objective import CrossTokenizerTerms, cross_tokenizer_objective
 from kd_llm.cross_tokenizer.shared_vocab import SharedVocabulary, shared_vocabulary
@@ -20,6 +21,8 @@ __all__ = ["CROSS_TOKENIZER_KEYS", "CrossTokenizerSettings", "cross_tokenizer_se
            "pop_cross_tokenizer_inputs"]
 
 CROSS_TOKENIZER_KEYS = (TEACHER_INPUT_IDS, TEACHER_ATTENTION_MASK, STUDENT_SPANS, TEACHER_SPANS)
+# Packed batches (CrossTokenizerPackingCollator) carry the teacher's position_ids instead of its attention mask.
+PACKED_CROSS_TOKENIZER_KEYS = (TEACHER_INPUT_IDS, TEACHER_POSITION_IDS, STUDENT_SPANS, TEACHER_SPANS)
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,10 @@ def cross_tokenizer_settings(method: str, student_tokenizer, teacher_tokenizer, 
 
 def pop_cross_tokenizer_inputs(inputs: dict) -> dict:
     """Take the teacher-side columns out of a batch (so the student's forward never sees them)."""
-    popped = {key: inputs.pop(key) for key in CROSS_TOKENIZER_KEYS if key in inputs}
-    if len(popped) != len(CROSS_TOKENIZER_KEYS):
-        missing = sorted(set(CROSS_TOKENIZER_KEYS) - set(popped))
+    keys = PACKED_CROSS_TOKENIZER_KEYS if TEACHER_POSITION_IDS in inputs else CROSS_TOKENIZER_KEYS
+    popped = {key: inputs.pop(key) for key in keys if key in inputs}
+    if len(popped) != len(keys):
+        missing = sorted(set(keys) - set(popped))
         raise KeyError(f"a cross-tokenizer batch lacks {', '.join(missing)}: build the training set with "
                        "kd_llm.cross_tokenizer.data.build_cross_tokenizer_dataset and collate it with "
                        "CrossTokenizerCollator (DistillationTrainer does both when given a teacher_tokenizer and "
@@ -79,8 +83,11 @@ def live_teacher_terms(teacher, student_logits: torch.Tensor, shifted_labels: to
     teacher_logits = None
     if alpha < 1:
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=teacher_ids, attention_mask=teacher_inputs[TEACHER_ATTENTION_MASK],
-                                     use_cache=False).logits[:, :-1]
+            if TEACHER_POSITION_IDS in teacher_inputs:  # packed: no 2-D mask, or examples would attend across
+                rendering = {"position_ids": teacher_inputs[TEACHER_POSITION_IDS]}
+            else:
+                rendering = {"attention_mask": teacher_inputs[TEACHER_ATTENTION_MASK]}
+            teacher_logits = teacher(input_ids=teacher_ids, **rendering, use_cache=False).logits[:, :-1]
     return cross_tokenizer_objective(
         student_logits, teacher_logits, shifted_labels, teacher_inputs[STUDENT_SPANS][:, 1:],
         teacher_inputs[TEACHER_SPANS][:, 1:], teacher_ids[:, 1:], alpha=alpha, method=settings.method, loss=loss,

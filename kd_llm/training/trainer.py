@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
-from kd_llm.cross_tokenizer.data import CrossTokenizerCollator
+from kd_llm.cross_tokenizer.data import CrossTokenizerCollator, CrossTokenizerPackingCollator
 from kd_llm.cross_tokenizer.generated import CrossTokenizerRows, generation_problem
 from kd_llm.cross_tokenizer.teacher import cross_tokenizer_settings
 from kd_llm.data.collator import CausalLMCollator
@@ -95,8 +95,8 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
         if teacher_model is not None and tokenizer is None:
             raise ValueError("Pass processing_class=<the student's tokenizer>: it is checked against the teacher's "
                              "before training, and used to pad batches.")
-        if args.packing and kwargs.get("data_collator") is not None and not isinstance(kwargs["data_collator"],
-                                                                                     PackingCollator):
+        if args.packing and kwargs.get("data_collator") is not None and not isinstance(
+                kwargs["data_collator"], (PackingCollator, CrossTokenizerPackingCollator)):
             raise ValueError("packing=True packs batches with kd_llm.data.packing.PackingCollator: leave "
                              "data_collator unset (or pass a PackingCollator), or set packing=False.")
         self.cross_tokenizer = None
@@ -112,12 +112,14 @@ class DistillationTrainer(AtomicCheckpointMixin, HubPushMixin, FeatureDistillati
                                 passthrough_keys=(EXAMPLE_INDEX_COLUMN,),
                                 prompt_starts=args.lmbda > 0 or args.seq_kd) if args.packing
                 else CausalLMCollator(pad_id, passthrough_keys=(EXAMPLE_INDEX_COLUMN,)))
-            if self.cross_tokenizer is not None:  # packing with cross_tokenizer_loss is refused by the rules
+            if self.cross_tokenizer is not None:  # packing: dataset batches only (the rules refuse generated ones)
                 teacher_side = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
                 teacher_pad = (teacher_side.pad_token_id if teacher_side.pad_token_id is not None
                                else teacher_side.eos_token_id)
-                kwargs["data_collator"] = CrossTokenizerCollator(pad_id, teacher_pad,
-                                                                 passthrough_keys=(EXAMPLE_INDEX_COLUMN,))
+                kwargs["data_collator"] = (
+                    CrossTokenizerPackingCollator(pad_id, teacher_pad, max_length=args.packing_max_length,
+                                                  passthrough_keys=(EXAMPLE_INDEX_COLUMN,)) if args.packing
+                    else CrossTokenizerCollator(pad_id, teacher_pad, passthrough_keys=(EXAMPLE_INDEX_COLUMN,)))
         if args.packing:
             self._check_packing(model, teacher_model, kwargs)
         self.kd_vocab_size = None
