@@ -99,7 +99,7 @@ def test_a_plain_dataset_is_refused_at_the_first_batch_with_the_fix(tmp_path):
     ({"teacher_cache": "somewhere"}, "teacher_cache is not supported with cross_tokenizer_loss"),
     ({"precompute_teacher_logits": True}, "precompute_teacher_logits is not supported"),
     ({"hidden_weight": 1.0}, "hidden_weight is not supported"),
-    ({"packing": True}, "packing is not supported with cross_tokenizer_loss"),
+    ({"packing": True, "lmbda": 0.5}, "packing is not supported with cross_tokenizer_loss and lmbda=0.5"),
     ({"fused_loss": "true"}, "fused_loss=true is not possible"),
     ({"teacher_url": "http://127.0.0.1:9"}, "teacher_url / teacher_routes are not supported with cross_tokenizer"),
     ({"cross_tokenizer_loss": "dtw"}, "cross_tokenizer_loss must be one of"),

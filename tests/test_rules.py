@@ -257,9 +257,13 @@ def test_packing_takes_stored_teacher_targets_of_whole_examples(tmp_path, settin
 
 
 def test_what_packing_still_cannot_serve_is_refused_with_its_reason(tmp_path):
-    """A teacher with another tokenizer reads each example's own teacher rendering and span ids, which packed rows
-    would mix: refused in the config, with the reason."""
-    with pytest.raises(ValueError, match="packing is not supported with cross_tokenizer_loss: packed rows would mix "
-                                         "several examples' teacher renderings"):
-        config(tmp_path, packing=True, cross_tokenizer_loss="hybrid")
+    """Across tokenizers dataset batches pack (both renderings laid with the same examples per row), but generated
+    cross-tokenizer rows are not packed yet, and truncation would cut the teacher's rendering and the alignment:
+    refused in the config, with the reason."""
+    assert rules.cross_tokenizer_config_problems(config(tmp_path, packing=True, cross_tokenizer_loss="hybrid")) == []
+    with pytest.raises(ValueError, match="packing is not supported with cross_tokenizer_loss and lmbda=0.5: "
+                                         "generated cross-tokenizer rows are not packed yet"):
+        config(tmp_path, packing=True, cross_tokenizer_loss="hybrid", lmbda=0.5)
+    with pytest.raises(ValueError, match="packing is not supported with cross_tokenizer_loss and seq_kd"):
+        config(tmp_path, packing=True, cross_tokenizer_loss="hybrid", seq_kd=True)
     assert rules.cross_tokenizer_config_problems(config(tmp_path, cross_tokenizer_loss="hybrid")) == []

@@ -134,11 +134,19 @@ def cross_tokenizer_config_problems(config) -> list[str]:
         "hidden_weight": "hidden-state terms pair student and teacher positions one to one, which two tokenizers "
                          "do not share",
         "attention_weight": "attention-map terms pair positions one to one, which two tokenizers do not share",
-        "packing": "packed rows would mix several examples' teacher renderings and span ids, not supported",
     }
     for name, reason in reasons.items():
         if getattr(config, name, None):
             problems.append(f"{name} is not supported with cross_tokenizer_loss: {reason}")
+    if getattr(config, "packing", False):  # dataset batches pack (kd_llm.cross_tokenizer.data), generated ones not yet
+        if config.lmbda > 0 or config.seq_kd:
+            problems.append(f"packing is not supported with cross_tokenizer_loss and "
+                            f"{'seq_kd' if config.seq_kd else f'lmbda={config.lmbda}'}: generated cross-tokenizer "
+                            "rows are not packed yet (set packing=False, or lmbda=0 and seq_kd=False)")
+        if getattr(config, "packing_overlong", "error") == "truncate" and getattr(config, "packing_max_length", 0):
+            problems.append("packing_overlong=truncate is not supported with cross_tokenizer_loss: the teacher's "
+                            "rendering and the alignment cover whole examples (set packing_overlong=error, or cut "
+                            "the examples when building the dataset: max_length)")
     if _served(config):
         problems.append("teacher_url / teacher_routes are not supported with cross_tokenizer_loss: a served teacher "
                         "scores the student's token ids, and a teacher with another tokenizer needs its own rendering "
