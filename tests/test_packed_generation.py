@@ -10,7 +10,7 @@ import torch
 from kd_llm.data.packing import PACKED_EXAMPLE_KEY, PROMPT_START_KEY, PackingCollator, unpack
 from kd_llm.training.on_policy import COMPLETION_SOURCE_KEY, STUDENT, TEACHER, packed_prompts
 from tests.conftest import tiny_llama
-from tests.helpers.training import max_difference, params
+from tests.helpers.training import loss_and_gradients, max_difference, params
 from tests.test_on_policy import make_trainer
 
 
@@ -32,16 +32,6 @@ def completions_of(batch) -> list[list[int]]:
 
 def micro_batches(trainer, dataset, count=2, size=4):
     return [trainer.data_collator([dataset[i] for i in range(k * size, (k + 1) * size)]) for k in range(count)]
-
-
-def loss_and_gradients(trainer, batch):
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 def assert_same_loss_and_gradients(padded, packed, padded_batch, packed_batch):

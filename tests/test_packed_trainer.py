@@ -8,6 +8,7 @@ import torch
 from kd_llm import DistillationTrainer
 from kd_llm.data.packing import PackingCollator
 from tests.conftest import tiny_distillation_config as make_config, tiny_llama
+from tests.helpers.training import loss_and_gradients
 
 
 def trainer_for(tmp_path, tokenizer, dataset, *, packing, teacher=None, **overrides):
@@ -17,16 +18,9 @@ def trainer_for(tmp_path, tokenizer, dataset, *, packing, teacher=None, **overri
                                processing_class=tokenizer)
 
 
-def loss_and_gradients(trainer, features):
-    """One micro-batch through compute_loss (normalised as Trainer does), then backward: (loss, {name: grad})."""
-    batch = trainer.data_collator(features)
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, trainer._metrics["train"]
+def collated_loss_and_gradients(trainer, features):
+    """One micro-batch collated by the trainer, through compute_loss and backward: (loss, {name: grad}, metrics)."""
+    return *loss_and_gradients(trainer, trainer.data_collator(features)), trainer._metrics["train"]
 
 
 PATHS = {
@@ -48,8 +42,8 @@ def test_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path, char_
     assert packed.fused_loss == padded.fused_loss
     batch = packed.data_collator(features)
     assert batch["input_ids"].shape[0] < len(features)  # several examples share a row
-    padded_loss, padded_grads, padded_metrics = loss_and_gradients(padded, features)
-    packed_loss, packed_grads, packed_metrics = loss_and_gradients(packed, features)
+    padded_loss, padded_grads, padded_metrics = collated_loss_and_gradients(padded, features)
+    packed_loss, packed_grads, packed_metrics = collated_loss_and_gradients(packed, features)
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
     assert set(packed_grads) == set(padded_grads)
     for name in padded_grads:
@@ -119,8 +113,8 @@ def test_a_packed_batch_from_stored_teacher_targets_gives_the_padded_batchs_loss
     assert batch["input_ids"].shape[0] < len(features)  # several examples share a row
     order = supervised_order(batch[EXAMPLE_INDEX_COLUMN], batch["labels"][:, 1:], batch[PACKED_EXAMPLE_KEY])[0]
     assert order != batch[EXAMPLE_INDEX_COLUMN].tolist()  # packing reorders them: the re-layout is exercised
-    padded_loss, padded_grads, padded_metrics = loss_and_gradients(padded, features)
-    packed_loss, packed_grads, packed_metrics = loss_and_gradients(packed, features)
+    padded_loss, padded_grads, padded_metrics = collated_loss_and_gradients(padded, features)
+    packed_loss, packed_grads, packed_metrics = collated_loss_and_gradients(packed, features)
     assert torch.stack(padded_metrics["kd_loss"]).abs().max() > 1e-3  # the stored teacher is read, and differs
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
     assert set(packed_grads) == set(padded_grads)
@@ -144,8 +138,8 @@ def test_packed_loss_differs_when_examples_may_attend_across_each_other(tmp_path
         return batch
 
     packed.data_collator = leaking
-    padded_loss = loss_and_gradients(padded, features)[0]
-    assert abs(loss_and_gradients(packed, features)[0] - padded_loss) > 1e-4
+    padded_loss = collated_loss_and_gradients(padded, features)[0]
+    assert abs(collated_loss_and_gradients(packed, features)[0] - padded_loss) > 1e-4
 
 
 def params(model):
